@@ -1,0 +1,3 @@
+"""sfl_ray: split federated learning on Ray."""
+
+__version__ = "0.1.0"

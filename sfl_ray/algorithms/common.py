@@ -1,0 +1,95 @@
+"""Mechanics shared by several algorithms, called rather than copied: FedAvg, the split-learning
+client epoch (forward, send activations, apply the server's gradient), the server's step."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sfl_ray.config_base import Section
+from sfl_ray.runtime.protocol import ClientContext, ClientReply
+from sfl_ray.runtime.wire import Weights, load_weights, module_weights
+from sfl_ray.seeding import np_rng
+
+
+def weighted_average(items: Sequence[tuple[Mapping[str, np.ndarray], float]]) -> Weights:
+    """FedAvg: sum_i (w_i / sum w) * state_i, accumulated in float64 in the given order.
+
+    Integer buffers (BatchNorm's num_batches_tracked) take the largest value.
+    """
+    if not items:
+        raise ValueError("nothing to average")
+    total = float(sum(w for _, w in items))
+    if total <= 0:
+        raise ValueError("aggregation weights must sum to a positive number")
+    first = items[0][0]
+    out: Weights = {}
+    for key, ref in first.items():
+        if np.issubdtype(ref.dtype, np.floating):
+            acc = np.zeros(ref.shape, dtype=np.float64)
+            for state, w in items:
+                acc += (w / total) * state[key].astype(np.float64)
+            out[key] = acc.astype(ref.dtype)
+        else:
+            out[key] = np.max(np.stack([state[key] for state, _ in items]), axis=0)
+    return out
+
+
+def fedavg_replies(replies: Iterable[ClientReply], kind: str, weighted: bool) -> Weights:
+    """Average the `kind` uploads of client replies, by sample count if `weighted`."""
+    return weighted_average([(r.up[kind], float(r.info["num_samples"]) if weighted else 1.0) for r in replies])
+
+
+def client_order(seed: int, rnd: int, clients: Sequence[int]) -> list[int]:
+    """A random order of this round's clients (sequential algorithms)."""
+    return [clients[i] for i in np_rng(seed, "order", rnd).permutation(len(clients))]
+
+
+def split_weights(full: Mapping[str, np.ndarray]) -> tuple[Weights, Weights]:
+    """A full-model state ('device.*', 'server.*') -> (device block state, server block state)."""
+    dev = {k[len("device."):]: v for k, v in full.items() if k.startswith("device.")}
+    srv = {k[len("server."):]: v for k, v in full.items() if k.startswith("server.")}
+    return dev, srv
+
+
+class SplitConfigMixin(Section):
+    """Fields every split-learning family algorithm shares."""
+
+    weighted: bool = True  # sample-weighted FedAvg of device blocks (the SplitFed code uses unweighted)
+
+
+def split_client_epoch(ctx: ClientContext, down: dict) -> tuple[dict, dict]:
+    """The device half of SL / SplitFed: for each batch, send activations and labels, get the
+    cut-layer gradient back, finish backprop through the device block, step."""
+    device = ctx.parts.device
+    load_weights(device, down["weights"])
+    device.train()
+    opt = ctx.optimizer([device])
+    loss_sum, count = 0.0, 0
+    for epoch in range(ctx.train.local_epochs):
+        for x, y in ctx.batches(epoch):
+            z = device(x)  # (B, *act_shape) smashed activations
+            reply, info = ctx.link.call("train_step", {"activations": z, "labels": y})
+            opt.zero_grad()
+            z.backward(reply["gradients"].to(z.device))
+            opt.step()
+            loss_sum += info["loss"] * len(y)
+            count += len(y)
+    return {"weights": module_weights(device)}, {"num_samples": ctx.num_samples, "loss_sum": loss_sum,
+                                                 "loss_count": count}
+
+
+def server_step(model: nn.Module, opt: torch.optim.Optimizer, arrays: dict) -> tuple[dict, dict]:
+    """One server step on received activations; returns the gradient at the cut."""
+    # The received activations are a leaf: their .grad is exactly what the device needs.
+    z = arrays["activations"].detach().requires_grad_(True)
+    model.train()
+    loss = F.cross_entropy(model(z), arrays["labels"])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return {"gradients": z.grad}, {"loss": float(loss.detach())}

@@ -1,0 +1,220 @@
+"""One experiment as a pydantic tree: YAML in, validated object out.
+
+Each component owns its section; the algorithm section is a union discriminated by
+`name`, with the classes defined beside each algorithm in `sfl_ray/algorithms/`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from sfl_ray.algorithms import algorithm_config_classes
+from sfl_ray.config_base import ConfigError, Section
+
+AlgorithmConfig = Annotated[
+    Union[tuple(algorithm_config_classes())],  # type: ignore[misc]
+    Field(discriminator="name"),
+]
+
+
+class ModelConfig(Section):
+    name: Literal["cnn", "resnet18", "vgg11"] = Field("cnn", description="Architecture from the model zoo.")
+    cut: Optional[str] = Field(None, description="Last layer of the device block; None = the model's default cut.")
+
+
+class DataConfig(Section):
+    name: Literal["mnist", "cifar10", "hf"] = Field("mnist", description="Data source.")
+    path: Optional[str] = Field(
+        None,
+        description="mnist: folder of idx .gz files or parquet files (None = built-in 12k subset); "
+        "cifar10: tarball or image folder; hf: hub name or local folder/files.",
+    )
+    image_column: str = Field("image", description="hf source: column holding the image.")
+    label_column: str = Field("label", description="hf source: column holding the class label.")
+    max_train_samples: Optional[int] = Field(None, gt=0, description="Use only the first N training samples.")
+    max_test_samples: Optional[int] = Field(None, gt=0, description="Use only the first N test samples.")
+
+
+class PartitionConfig(Section):
+    name: Literal["iid", "dirichlet", "shards"] = Field("iid", description="How samples are split across clients.")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller = more skewed.")
+    shards_per_client: int = Field(2, gt=0, description="shards: label-sorted shards per client.")
+
+
+class TrainConfig(Section):
+    num_clients: int = Field(10, gt=0, description="Number of (virtual) clients.")
+    clients_per_round: Union[int, float] = Field(
+        1.0, gt=0, description="Clients sampled per round: an int, or a fraction in (0, 1]."
+    )
+    batch_size: int = Field(32, gt=0, description="Mini-batch size on every client.")
+    lr: float = Field(0.05, gt=0, description="Learning rate (client and server unless an algorithm says otherwise).")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="Optimizer on clients and servers.")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
+    local_epochs: int = Field(1, gt=0, description="Passes over the local data per round.")
+    eval_every: int = Field(1, gt=0, description="Evaluate the global model every N rounds (and at the end).")
+    eval_batch_size: int = Field(500, gt=0, description="Batch size for evaluation.")
+
+    @model_validator(mode="after")
+    def _fraction(self) -> "TrainConfig":
+        c = self.clients_per_round
+        if isinstance(c, float) and c > 1:
+            raise ValueError(f"clients_per_round={c}: a fraction must be in (0, 1], or give an int")
+        return self
+
+    def sampled_count(self) -> int:
+        """Number of clients sampled each round."""
+        c = self.clients_per_round
+        n = max(1, round(c * self.num_clients)) if isinstance(c, float) else int(c)
+        return min(n, self.num_clients)
+
+
+class ClusterConfig(Section):
+    backend: Literal["ray", "local"] = Field("ray", description="ray: actors; local: one process, serial.")
+    address: Optional[str] = Field(None, description="Ray address; None = the job's cluster, or a new local one.")
+    num_pools: Optional[int] = Field(None, gt=0, description="Client pool actors; None = fit the cluster's CPUs.")
+    pool_cpus: float = Field(1.0, ge=0, description="CPUs reserved per client pool actor.")
+    client_gpus: float = Field(0.0, ge=0, le=1, description="GPU fraction per client pool actor (e.g. 0.25).")
+    num_servers: int = Field(1, gt=0, description="Server block actors.")
+    server_cpus: float = Field(1.0, ge=0, description="CPUs reserved per server block actor.")
+    server_gpus: float = Field(0.0, ge=0, description="GPUs per server block actor (whole GPUs).")
+    torch_threads: int = Field(1, gt=0, description="torch intra-op threads in every process (same on both backends).")
+    task_timeout_s: float = Field(1800.0, gt=0, description="Deadline for any single wait on a remote call.")
+
+    @model_validator(mode="after")
+    def _whole_server_gpus(self) -> "ClusterConfig":
+        if self.server_gpus != int(self.server_gpus):
+            raise ValueError(f"server_gpus={self.server_gpus}: server blocks take whole GPUs (0, 1, 2, ...)")
+        return self
+
+
+class CostModelConfig(Section):
+    device_flops_per_s: float = Field(1e10, gt=0, description="Sustained device FLOP/s (10 GFLOP/s: a phone-class CPU).")
+    server_flops_per_s: float = Field(1e13, gt=0, description="Sustained server FLOP/s.")
+    uplink_bytes_per_s: float = Field(1.25e6, gt=0, description="Device uplink (10 Mbit/s).")
+    downlink_bytes_per_s: float = Field(6.25e6, gt=0, description="Device downlink (50 Mbit/s).")
+    latency_s: float = Field(0.02, ge=0, description="One-way latency per message.")
+
+
+class TargetMetric(Section):
+    name: str = Field("eval_accuracy", description="Metric key in metrics.jsonl.")
+    value: float = Field(..., description="Stop once the metric reaches this value.")
+    mode: Literal["max", "min"] = Field("max", description="max: stop when metric >= value; min: when <= value.")
+
+
+class StopConfig(Section):
+    rounds: int = Field(10, gt=0, description="Number of rounds.")
+    comm_budget_gib: Optional[float] = Field(None, gt=0, description="Stop once cumulative bytes exceed this (GiB).")
+    target_metric: Optional[TargetMetric] = Field(None, description="Stop once this metric is reached.")
+
+
+class OutputConfig(Section):
+    dir: str = Field("runs", description="Folder that holds run directories.")
+    name: Optional[str] = Field(None, description="Run directory name; None = <algorithm>-<data>-<model>-s<seed>.")
+    progress: bool = Field(True, description="Show a progress line per round on the driver.")
+
+
+def _default_algorithm() -> Section:
+    return next(c for c in algorithm_config_classes() if c.model_fields["name"].default == "splitfed_v2")()
+
+
+class ExperimentConfig(Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    algorithm: AlgorithmConfig = Field(  # type: ignore[valid-type]
+        default_factory=lambda: _default_algorithm(), description="The algorithm and its own parameters.")
+    train: TrainConfig = TrainConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    cost_model: CostModelConfig = CostModelConfig()
+    stop: StopConfig = StopConfig()
+    output: OutputConfig = OutputConfig()
+    seed: int = Field(0, ge=0, description="Root seed of every random stream.")
+
+    def run_name(self) -> str:
+        return self.output.name or f"{self.algorithm.name}-{self.data.name}-{self.model.name}-s{self.seed}"
+
+    def run_dir(self) -> str:
+        return f"{self.output.dir.rstrip('/')}/{self.run_name()}"
+
+
+def _parse_scalar(text: str) -> Any:
+    """`--set` values are YAML scalars: 0.1 -> float, true -> bool, null -> None, [1,2] -> list."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=c` overrides to a raw config dict (typing happens at validation)."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, None, "an override is KEY=VALUE, e.g. train.lr=0.01")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(key, value, f"'{p}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = _parse_scalar(value)
+    # Switching algorithm.name drops the previous algorithm's own keys, so that
+    # `--set algorithm.name=X` alone always works.
+    algo = out.get("algorithm")
+    if isinstance(algo, dict) and any(o.strip().startswith("algorithm.name=") for o in overrides):
+        set_keys = {o.split("=", 1)[0].strip().split(".", 1)[1] for o in overrides if o.strip().startswith("algorithm.")}
+        out["algorithm"] = {k: v for k, v in algo.items() if k in set_keys}
+    return out
+
+
+def _first_error(err: ValidationError) -> ConfigError:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _ALGO_TAGS))
+    value = e.get("input")
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "union_tag_invalid":
+        msg = f"unknown algorithm; allowed: {', '.join(sorted(_ALGO_TAGS))}"
+        value = e.get("input", {}).get("name") if isinstance(e.get("input"), dict) else value
+        loc = loc + ".name" if not loc.endswith(".name") else loc
+    elif e["type"] == "literal_error":
+        msg = f"allowed: {e.get('ctx', {}).get('expected', '')}"
+    if isinstance(value, dict):
+        value = "{...}"
+    return ConfigError(loc or "<root>", value, msg)
+
+
+_ALGO_TAGS = {c.model_fields["name"].default for c in algorithm_config_classes()}
+
+
+def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> ExperimentConfig:
+    """Read a YAML job, apply overrides, validate. Raises ConfigError with one clear reason."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("--config", path, "no such file")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError("--config", path, f"not valid YAML ({exc.__class__.__name__})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError("--config", path, "the top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise _first_error(err) from None
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML (every default spelled out)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

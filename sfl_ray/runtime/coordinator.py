@@ -1,0 +1,242 @@
+"""The coordinator: owns the round loop. A plain class, made a Ray actor only at launch.
+
+Each round: sample clients -> the algorithm's schedule (through a RoundRuntime that records
+every reply) -> server FLOPs -> account bytes, FLOPs, memory, time -> evaluate -> write a row
+-> check the stop conditions.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.metadata
+import logging
+import math
+import platform
+import threading
+import time
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+import torch
+
+from sfl_ray.metrics.cost_model import client_time, group_time, server_time
+from sfl_ray.metrics.evaluate import Evaluator
+from sfl_ray.metrics.writer import RunWriter
+from sfl_ray.runtime.protocol import Algorithm, ClientReply, RoundRuntime
+from sfl_ray.seeding import np_rng
+
+log = logging.getLogger("sfl_ray.coordinator")
+GIB = 1024 ** 3
+
+
+class State(str, enum.Enum):
+    STARTING = "STARTING"
+    RUNNING_ROUND = "RUNNING_ROUND"
+    EVALUATING = "EVALUATING"
+    FINISHED = "FINISHED"
+    ERRORED = "ERRORED"
+
+
+class ClientFailed(RuntimeError):
+    """A client program raised; the message names the client and round."""
+
+
+class Executor(Protocol):
+    """Where client programs and server calls run (the backends implement this)."""
+
+    num_servers: int
+
+    def run_clients(self, program: str, clients: Sequence[int], rnd: int, down: dict, parallel: bool,
+                    on_done: Callable[[ClientReply], None]) -> list[ClientReply]: ...
+
+    def server_control(self, index: int, method: str, *args: Any) -> Any: ...
+
+    def pop_server_flops(self) -> int: ...
+
+
+class _Round(RoundRuntime):
+    """The RoundRuntime handed to a schedule: records every reply and dispatch group."""
+
+    def __init__(self, executor: Executor, rnd: int, on_done: Callable[[ClientReply], None]):
+        self.executor, self.rnd, self.on_done = executor, rnd, on_done
+        self.num_servers = executor.num_servers
+        self.groups: list[tuple[bool, list[ClientReply]]] = []
+
+    def clients(self, ids, down, parallel=True, program="client_program"):
+        replies = self.executor.run_clients(program, list(ids), self.rnd, down, parallel, self.on_done)
+        failed = [r for r in replies if r.error]
+        if failed:
+            r = failed[0]
+            last = r.error.strip().splitlines()[-1]
+            raise ClientFailed(f"client {r.client} failed in round {self.rnd}: {last}\n{r.error}")
+        self.groups.append((parallel, replies))
+        return replies
+
+    def server(self, method, *args, index=0):
+        return self.executor.server_control(index, method, *args)
+
+    @property
+    def replies(self) -> list[ClientReply]:
+        return [r for _, rs in self.groups for r in rs]
+
+
+class Coordinator:
+    """Runs rounds until a stop condition holds; writes metrics and the summary."""
+
+    def __init__(self, algorithm: Algorithm, executor: Executor, evaluator: Evaluator, writer: RunWriter,
+                 *, num_clients: int, clients_per_round: int, stop, cost_model, seed: int,
+                 torch_threads: int = 1, on_row: Optional[Callable[[dict], None]] = None):
+        torch.set_num_threads(torch_threads)
+        self.on_row = on_row
+        self.algorithm, self.executor, self.evaluator, self.writer = algorithm, executor, evaluator, writer
+        self.num_clients, self.per_round = num_clients, clients_per_round
+        self.stop, self.cost_model, self.seed = stop, cost_model, seed
+        self.state = State.STARTING
+        self._progress: dict = {"state": self.state.value, "round": 0, "rounds": stop.rounds,
+                                "clients_done": 0, "clients_total": 0, "eval_accuracy": None, "row": None}
+        self._lock = threading.Lock()
+        self.bytes_cum = 0
+        self.sim_cum = 0.0
+
+    # -- progress (read by the driver while run() is busy) -------------------------------
+    def progress(self) -> dict:
+        with self._lock:
+            return dict(self._progress)
+
+    def _set(self, **kw: Any) -> None:
+        with self._lock:
+            self._progress.update(kw)
+
+    # -- the loop ------------------------------------------------------------------------
+    def sample(self, rnd: int) -> list[int]:
+        """Clients of round `rnd` (from 1): a derived stream, independent of everything else."""
+        if self.per_round >= self.num_clients:
+            return list(range(self.num_clients))
+        picked = np_rng(self.seed, "sample", rnd).choice(self.num_clients, self.per_round, replace=False)
+        return sorted(int(c) for c in picked)
+
+    def run(self, start_round: int = 1) -> dict:
+        try:
+            self.algorithm.init_global(self.evaluator.parts) if start_round == 1 else None
+            reason = "rounds"
+            rnd = start_round
+            for rnd in range(start_round, self.stop.rounds + 1):
+                row = self.run_one_round(rnd)
+                reason = self._stop_reason(rnd, row)
+                if reason:
+                    break
+            summary = self._summary(rnd, reason or "rounds")
+            self.writer.write_json("summary.json", summary)
+            self.state = State.FINISHED
+            self._set(state=self.state.value)
+            return summary
+        except BaseException:
+            self.state = State.ERRORED
+            self._set(state=self.state.value)
+            raise
+
+    def run_one_round(self, rnd: int) -> dict:
+        clients = self.sample(rnd)
+        self.state = State.RUNNING_ROUND
+        self._set(state=self.state.value, round=rnd, clients_done=0, clients_total=len(clients))
+        done = {"n": 0}
+
+        def on_done(_: ClientReply) -> None:
+            done["n"] += 1
+            self._set(clients_done=done["n"])
+
+        t0 = time.perf_counter()
+        rt = _Round(self.executor, rnd, on_done)
+        summary = self.algorithm.run_round(rt, rnd, clients)
+        server_flops = self.executor.pop_server_flops()
+        row = self._account(rnd, rt, summary, server_flops, clients)
+        if self._due_eval(rnd, row):
+            self.state = State.EVALUATING
+            self._set(state=self.state.value)
+            dw, sw = self.algorithm.eval_weights(rt)
+            row.update(self.evaluator.evaluate(dw, sw))
+            self.executor.pop_server_flops()  # fetching weights is not training work
+        else:
+            row.update({"eval_accuracy": None, "eval_loss": None})
+        row["wall_s"] = time.perf_counter() - t0
+        self.writer.append_row(row)
+        self._set(row=row, eval_accuracy=row.get("eval_accuracy") if row.get("eval_accuracy") is not None
+                  else self._progress.get("eval_accuracy"))
+        if self.on_row is not None:
+            self.on_row(self.progress())
+        return row
+
+    def _account(self, rnd: int, rt: _Round, summary, server_flops: int, clients: list[int]) -> dict:
+        replies = rt.replies
+        by_kind: dict[str, int] = {}
+        for r in replies:
+            for k, v in r.bytes.items():
+                by_kind[k] = by_kind.get(k, 0) + v
+        up = sum(v for k, v in by_kind.items() if k.startswith("up/"))
+        down = sum(v for k, v in by_kind.items() if k.startswith("down/"))
+        self.bytes_cum += up + down
+        sim = sum(group_time([self._client_time(r) for r in rs], par) for par, rs in rt.groups)
+        sim += server_time(server_flops, self.cost_model)
+        self.sim_cum += sim
+        loss = summary.train_loss
+        if loss is None or (isinstance(loss, float) and math.isnan(loss)):
+            n = sum(r.info.get("loss_count", 0) for r in replies if "loss_sum" in r.info)
+            loss = sum(r.info["loss_sum"] for r in replies if "loss_sum" in r.info) / n if n else None
+        return {
+            "round": rnd, "algorithm": self.algorithm.name, "phase": summary.phase,
+            "clients": len(clients), "train_loss": loss,
+            "bytes_up": up, "bytes_down": down, "bytes_cum": self.bytes_cum,
+            "bytes_by_kind": dict(sorted(by_kind.items())),
+            "device_flops": sum(r.flops for r in replies),
+            "device_peak_mem_bytes": max((r.peak_mem_bytes for r in replies), default=0),
+            "device_cuda_peak_mem_bytes": max((r.cuda_peak_mem_bytes for r in replies), default=0),
+            "server_flops": server_flops, "sim_s": sim, "sim_cum_s": self.sim_cum,
+            **summary.extra,
+        }
+
+    def _client_time(self, r: ClientReply) -> float:
+        up = sum(v for k, v in r.bytes.items() if k.startswith("up/"))
+        down = sum(v for k, v in r.bytes.items() if k.startswith("down/"))
+        return client_time(r.flops, up, down, sum(r.messages.values()), self.cost_model)
+
+    def _due_eval(self, rnd: int, row: dict) -> bool:
+        every = self.algorithm.train.eval_every
+        return rnd % every == 0 or rnd == self.stop.rounds or self._budget_hit() or self.stop.target_metric is not None
+
+    def _budget_hit(self) -> bool:
+        b = self.stop.comm_budget_gib
+        return b is not None and self.bytes_cum >= b * GIB
+
+    def _stop_reason(self, rnd: int, row: dict) -> Optional[str]:
+        if self._budget_hit():
+            return "comm_budget"
+        t = self.stop.target_metric
+        if t is not None and row.get(t.name) is not None:
+            v = row[t.name]
+            if (t.mode == "max" and v >= t.value) or (t.mode == "min" and v <= t.value):
+                return "target_metric"
+        return "rounds" if rnd >= self.stop.rounds else None
+
+    def _summary(self, rnd: int, reason: str) -> dict:
+        rows = self.writer.rows
+        evals = [r["eval_accuracy"] for r in rows if r.get("eval_accuracy") is not None]
+
+        def version(pkg: str) -> Optional[str]:
+            try:
+                return importlib.metadata.version(pkg)
+            except importlib.metadata.PackageNotFoundError:
+                return None
+
+        return {
+            "algorithm": self.algorithm.name, "rounds": rnd, "stop_reason": reason,
+            "final": rows[-1] if rows else None,
+            "best_eval_accuracy": max(evals) if evals else None,
+            "totals": {
+                "bytes": self.bytes_cum, "gib": self.bytes_cum / GIB,
+                "device_flops": sum(r["device_flops"] for r in rows),
+                "server_flops": sum(r["server_flops"] for r in rows),
+                "device_peak_mem_bytes": max((r["device_peak_mem_bytes"] for r in rows), default=0),
+                "wall_s": sum(r["wall_s"] for r in rows), "sim_s": self.sim_cum,
+            },
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "ray": version("ray"), "sfl_ray": version("sfl_ray")},
+        }

@@ -1,0 +1,98 @@
+"""Build the backend for an experiment, run its coordinator, show progress on the driver."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any, Callable, Optional
+
+from sfl_ray.data.sources import ArrayDataset
+from sfl_ray.metrics.evaluate import Evaluator
+from sfl_ray.metrics.writer import RunWriter
+from sfl_ray.runtime.coordinator import Coordinator
+from sfl_ray.runtime.protocol import Algorithm, Blueprint
+
+log = logging.getLogger("sfl_ray")
+MIB = 1024 ** 2
+
+
+def make_blueprint(cfg: Any, data: ArrayDataset) -> Blueprint:
+    return Blueprint(model_name=cfg.model.name, cut=cfg.model.cut, in_shape=data.input_shape,
+                     num_classes=data.num_classes, seed=cfg.seed, train=cfg.train, algorithm=cfg.algorithm,
+                     torch_threads=cfg.cluster.torch_threads)
+
+
+def format_progress(p: dict) -> str:
+    """One progress line: round, clients done, loss, latest accuracy, bytes moved."""
+    row = p.get("row") or {}
+    acc = p.get("eval_accuracy")
+    parts = [f"round {p['round']}/{p['rounds']}", f"clients {p['clients_done']}/{p['clients_total']}"]
+    if row.get("round") == p["round"]:
+        if row.get("train_loss") is not None:
+            parts.append(f"loss {row['train_loss']:.4f}")
+        parts.append(f"{row['bytes_cum'] / MIB:.1f} MiB")
+        parts.append(f"{row['wall_s']:.1f}s")
+    if acc is not None:
+        parts.append(f"acc {acc:.4f}")
+    return " | ".join(parts)
+
+
+class _Printer:
+    """Prints a line per finished round (and in-round updates on a terminal)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.last_round, self.tty = enabled, 0, sys.stdout.isatty()
+
+    def __call__(self, p: dict) -> None:
+        if not self.enabled:
+            return
+        row = p.get("row") or {}
+        if row.get("round", 0) > self.last_round:
+            self.last_round = row["round"]
+            print(("\r" if self.tty else "") + format_progress({**p, "round": row["round"]}), flush=True)
+        elif self.tty and p.get("state") == "RUNNING_ROUND":
+            print("\r" + format_progress(p), end="", flush=True)
+
+
+def run_experiment(algorithm_cls: type[Algorithm], cfg: Any, data: ArrayDataset, shards: list,
+                   progress: Optional[Callable[[dict], None]] = None) -> dict:
+    """Run one experiment on the configured backend; returns the summary."""
+    blueprint = make_blueprint(cfg, data)
+    show = progress or _Printer(cfg.output.progress)
+    writer = RunWriter(cfg.run_dir())
+    common = dict(num_clients=cfg.train.num_clients, clients_per_round=cfg.train.sampled_count(),
+                  stop=cfg.stop, cost_model=cfg.cost_model, seed=cfg.seed, torch_threads=cfg.cluster.torch_threads)
+    if cfg.cluster.backend == "local":
+        from sfl_ray.runtime.local_backend import LocalExecutor
+        import torch
+        torch.set_num_threads(cfg.cluster.torch_threads)
+        executor = LocalExecutor(algorithm_cls, blueprint, data.train_x, data.train_y, shards, cfg.cluster.num_servers)
+        evaluator = Evaluator(blueprint.build_parts(), data.test_x, data.test_y, cfg.train.eval_batch_size)
+        coord = Coordinator(algorithm_cls(blueprint), executor, evaluator, writer, on_row=show, **common)
+        return coord.run()
+    return _run_on_ray(algorithm_cls, blueprint, cfg, data, shards, writer, common, show)
+
+
+def _run_on_ray(algorithm_cls, blueprint, cfg, data, shards, writer, common, show) -> dict:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from sfl_ray.runtime.ray_backend import start_actors
+
+    executor = start_actors(algorithm_cls, blueprint, data.train_x, data.train_y, shards, cfg.cluster)
+    evaluator = Evaluator(blueprint.build_parts(), data.test_x, data.test_y, cfg.train.eval_batch_size)
+    # The coordinator stays on the driver's node so a local run directory is where the user looks.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    coord = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2, scheduling_strategy=here).remote(
+        algorithm_cls(blueprint), executor, evaluator, writer, **common)
+    done = coord.run.remote()
+    while True:
+        ready, _ = ray.wait([done], timeout=0.5)
+        try:
+            show(ray.get(coord.progress.remote(), timeout=cfg.cluster.task_timeout_s))
+        except ray.exceptions.RayActorError:
+            pass  # the coordinator died; ray.get(done) below raises with the cause
+        if ready:
+            return ray.get(done)
+        time.sleep(0.5)

@@ -1,0 +1,50 @@
+"""The local backend: the same pool, server and coordinator classes in one process, serial.
+
+For debugging with pdb and as the reference the Ray backend must match to the last bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from sfl_ray.runtime.pool import ClientPool
+from sfl_ray.runtime.protocol import ClientReply
+from sfl_ray.runtime.server import ServerBlock
+
+
+class LocalEndpoint:
+    """A client's way to a server block living in the same process."""
+
+    def __init__(self, server: ServerBlock):
+        self.server = server
+
+    def call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
+        return self.server.call(method, client, arrays, info)
+
+
+class LocalExecutor:
+    """One pool with every client, the server blocks, all called directly."""
+
+    def __init__(self, algorithm_cls, blueprint, train_x, train_y, shards, num_servers: int):
+        self.servers = ([ServerBlock(algorithm_cls, blueprint, i) for i in range(num_servers)]
+                        if algorithm_cls.server_cls is not None else [])
+        self.num_servers = len(self.servers)
+        self.pool = ClientPool(algorithm_cls, blueprint, train_x, train_y, dict(enumerate(shards)),
+                               [LocalEndpoint(s) for s in self.servers])
+
+    def run_clients(self, program: str, clients: Sequence[int], rnd: int, down: dict, parallel: bool,
+                    on_done: Callable[[ClientReply], None]) -> list[ClientReply]:
+        replies = []
+        for c in clients:
+            r = self.pool.run(program, c, rnd, down)
+            on_done(r)
+            replies.append(r)
+            if r.error and not parallel:
+                break  # a sequential schedule cannot go on past a failed client
+        return replies
+
+    def server_control(self, index: int, method: str, *args: Any) -> Any:
+        return self.servers[index].control(method, *args)
+
+    def pop_server_flops(self) -> int:
+        return sum(s.pop_flops() for s in self.servers)

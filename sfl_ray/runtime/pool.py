@@ -1,0 +1,90 @@
+"""A client pool: many virtual clients in one process, run one after another.
+
+Models are built once per pool; a client is its data indices plus a small persistent state.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from sfl_ray.metrics.device_cost import MemoryTracker, measure_device
+from sfl_ray.runtime.link import DOWN, UP, Ledger, Link, ServerEndpoint
+from sfl_ray.runtime.protocol import Algorithm, Blueprint, ClientContext, ClientReply
+from sfl_ray.runtime.wire import pack
+
+log = logging.getLogger("sfl_ray.pool")
+
+
+def pick_device(gpu_fraction: float) -> torch.device:
+    """Chosen from what torch sees, never from Ray's bookkeeping alone."""
+    if gpu_fraction > 0 and torch.cuda.is_available():
+        # A fractional GPU is a scheduling hint; cap this process to its share for real.
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_fraction))
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class ClientPool:
+    """Hosts the virtual clients `shards` (client id -> sample indices) of one pool."""
+
+    def __init__(self, algorithm_cls: type[Algorithm], blueprint: Blueprint, train_x: np.ndarray,
+                 train_y: np.ndarray, shards: dict[int, np.ndarray],
+                 servers: Sequence[ServerEndpoint], gpu_fraction: float = 0.0):
+        torch.set_num_threads(blueprint.torch_threads)
+        self.algorithm = algorithm_cls(blueprint)
+        self.blueprint = blueprint
+        self.data = (train_x, train_y)
+        self.shards = {int(k): v for k, v in shards.items()}
+        self.servers = list(servers)
+        self.device = pick_device(gpu_fraction)
+        self.parts = blueprint.build_parts()
+        self.parts.device.to(self.device)
+        self.parts.server.to(self.device)
+        self.state: dict[int, dict] = {c: {} for c in self.shards}
+
+    def ping(self) -> dict:
+        """Where this pool runs (for placement checks and health)."""
+        import os
+        import socket
+        return {"pid": os.getpid(), "host": socket.gethostname(), "clients": len(self.shards),
+                "device": str(self.device)}
+
+    def run(self, program: str, client: int, rnd: int, down: dict) -> ClientReply:
+        """Run one client's program for one round; failures come back as values."""
+        endpoint: Optional[ServerEndpoint] = None
+        if self.servers:
+            endpoint = self.servers[client % len(self.servers)]
+        ledger = Ledger()
+        ledger.record(DOWN, down)
+        tracker = MemoryTracker()
+        ctx = ClientContext(client, rnd, self.blueprint, self.parts, self.data, self.shards[client],
+                            Link(endpoint, client, ledger), self.state[client], tracker, self.device)
+        reply = ClientReply(client=client)
+        try:
+            with measure_device(tracker, self.device) as cost:
+                up, info = getattr(self.algorithm, program)(ctx, down)
+            up = pack(up)
+            ledger.record(UP, up)
+            reply.up, reply.info = up, dict(info)
+            reply.flops, reply.peak_mem_bytes = cost["flops"], cost["peak_mem_bytes"]
+            reply.cuda_peak_mem_bytes, reply.saved_tensors = cost["cuda_peak_mem_bytes"], cost["saved_tensors"]
+        except Exception:  # noqa: BLE001 - a failure is a value; the coordinator's policy decides
+            reply.error = traceback.format_exc()
+            log.error("client %d failed in round %d:\n%s", client, rnd, reply.error)
+        reply.bytes = {f"{d}/{k}": v for (d, k), v in ledger.bytes.items()}
+        reply.messages = dict(ledger.messages)
+        return reply
+
+    def client_states(self) -> dict[int, dict]:
+        return self.state
+
+    def set_client_states(self, states: dict[int, Any]) -> None:
+        self.state.update(states)
+
+
+__all__ = ["ClientPool", "pick_device", "UP", "DOWN"]

@@ -1,0 +1,209 @@
+"""The contract between algorithms (what is computed) and the runtime (where it runs).
+
+An algorithm is one class with three pieces:
+- `client_program(ctx, down) -> (up, info)`: what one device does in a round; runs in a client pool.
+- `server_cls`: its server half, a `ServerProgram` hosted by a server block.
+- `run_round(rt, rnd, clients)`: the schedule of one round; runs in the coordinator and
+  talks to clients and servers only through the `RoundRuntime` it is handed.
+The runtime never knows which algorithm it runs; algorithms never import ray.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from sfl_ray.config_base import Section
+from sfl_ray.data.batches import client_batches
+from sfl_ray.metrics.device_cost import MemoryTracker
+from sfl_ray.models.split import ModelParts, build_parts
+from sfl_ray.runtime.link import Link
+from sfl_ray.seeding import derive_seed, torch_gen
+
+
+@dataclass(frozen=True)
+class Blueprint:
+    """What every process needs to build the same models and optimizers (not the whole job config)."""
+
+    model_name: str
+    cut: Optional[str]
+    in_shape: tuple[int, ...]
+    num_classes: int
+    seed: int
+    train: Any          # TrainConfig
+    algorithm: Any      # the algorithm's own config section
+    torch_threads: int = 1
+
+    def build_parts(self) -> ModelParts:
+        return build_parts(self.model_name, self.cut, self.in_shape, self.num_classes, self.seed)
+
+    def make_optimizer(self, params: Sequence[torch.Tensor] | Iterator[torch.Tensor],
+                       lr: Optional[float] = None) -> torch.optim.Optimizer:
+        t = self.train
+        lr = t.lr if lr is None else lr
+        if t.optimizer == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+@dataclass
+class ClientReply:
+    """What a client program returned, and what the runtime measured around it."""
+
+    client: int
+    up: dict = field(default_factory=dict)            # counted uplink payload (kind -> arrays)
+    info: dict = field(default_factory=dict)          # telemetry, not counted (num_samples, loss_sum, ...)
+    bytes: dict = field(default_factory=dict)         # "direction/kind" -> bytes, includes `up`, down and link calls
+    messages: dict = field(default_factory=dict)      # direction -> count
+    flops: int = 0
+    peak_mem_bytes: int = 0
+    cuda_peak_mem_bytes: int = 0
+    saved_tensors: int = 0
+    error: Optional[str] = None                       # traceback if the program failed
+
+
+class ClientContext:
+    """What a client program may use: its data, the pool's models, an optimizer, the link."""
+
+    def __init__(self, client: int, rnd: int, blueprint: Blueprint, parts: ModelParts,
+                 data: tuple[np.ndarray, np.ndarray], indices: np.ndarray, link: Link,
+                 state: dict, tracker: MemoryTracker, device: torch.device):
+        self.client, self.round, self.blueprint = client, rnd, blueprint
+        self.parts, self.link, self.state, self.device = parts, link, state, device
+        self.config, self.train = blueprint.algorithm, blueprint.train
+        self._data, self.indices, self._tracker = data, indices, tracker
+
+    @property
+    def num_samples(self) -> int:
+        return int(len(self.indices))
+
+    def batches(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This client's shuffled mini-batches for one local epoch (order from seed, round, client)."""
+        x, y = self._data
+        for xb, yb in client_batches(x, y, self.indices, self.train.batch_size, self.blueprint.seed,
+                                     self.round, self.client, epoch):
+            yield xb.to(self.device), yb.to(self.device)
+
+    def num_batches(self) -> int:
+        return -(-self.num_samples // self.train.batch_size)
+
+    def optimizer(self, modules: Sequence[nn.Module], lr: Optional[float] = None) -> torch.optim.Optimizer:
+        """A fresh optimizer over the modules' parameters; its state counts as device memory."""
+        for m in modules:
+            self._tracker.track_module(m)
+        opt = self.blueprint.make_optimizer([p for m in modules for p in m.parameters() if p.requires_grad], lr)
+        self._tracker.track_optimizer(opt)
+        return opt
+
+    def on_device(self, *modules: nn.Module) -> None:
+        """Declare modules resident on the device (counted in peak memory) without an optimizer."""
+        for m in modules:
+            self._tracker.track_module(m)
+
+    def rng(self, purpose: str) -> torch.Generator:
+        return torch_gen(self.blueprint.seed, purpose, self.round, self.client)
+
+    def seed_for(self, *parts: object) -> int:
+        return derive_seed(self.blueprint.seed, *parts, self.round, self.client)
+
+
+class ServerContext:
+    """What a server program may use: models built from the blueprint, optimizers, its index."""
+
+    def __init__(self, blueprint: Blueprint, index: int, device: torch.device):
+        self.blueprint, self.index, self.device = blueprint, index, device
+        self.config, self.train = blueprint.algorithm, blueprint.train
+
+    def build_parts(self) -> ModelParts:
+        parts = self.blueprint.build_parts()
+        parts.device.to(self.device)
+        parts.server.to(self.device)
+        return parts
+
+    def optimizer(self, modules: Sequence[nn.Module], lr: Optional[float] = None) -> torch.optim.Optimizer:
+        return self.blueprint.make_optimizer([p for m in modules for p in m.parameters() if p.requires_grad], lr)
+
+
+class ServerProgram:
+    """An algorithm's server half. Public methods are called by name: from clients through the
+    link (`method(client, arrays, info) -> (arrays, info)`, counted) or from the schedule
+    (`rt.server(method, *args)`, internal to the server side, not counted)."""
+
+    def __init__(self, ctx: ServerContext):
+        self.ctx = ctx
+
+
+@dataclass
+class RoundSummary:
+    """What a schedule reports for a round beyond what the runtime measured."""
+
+    train_loss: float = float("nan")
+    phase: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+
+class RoundRuntime(abc.ABC):
+    """The runtime as a schedule sees it during one round."""
+
+    num_servers: int
+
+    @abc.abstractmethod
+    def clients(self, ids: Sequence[int], down: dict, parallel: bool = True,
+                program: str = "client_program") -> list[ClientReply]:
+        """Run `program` on these clients, each receiving `down` (counted as downlink).
+        parallel=False runs them one after another in the given order (and the simulated
+        time adds up); replies come back in the order of `ids`."""
+
+    @abc.abstractmethod
+    def server(self, method: str, *args: Any, index: int = 0) -> Any:
+        """Call a server program method (server-side work, not counted on the link)."""
+
+    def servers(self, method: str, *args: Any) -> list[Any]:
+        """Call a server program method on every server block."""
+        return [self.server(method, *args, index=i) for i in range(self.num_servers)]
+
+
+class Algorithm(abc.ABC):
+    """Base of every algorithm. Subclasses set `name`, `config_cls`, `server_cls` and
+    implement `init_global`, `client_program`, `run_round` and `eval_weights`."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[Section]]
+    server_cls: ClassVar[Optional[type[ServerProgram]]] = None
+
+    def __init__(self, blueprint: Blueprint):
+        self.blueprint = blueprint
+        self.config = blueprint.algorithm
+        self.train = blueprint.train
+
+    @property
+    def needs_server(self) -> bool:
+        return self.server_cls is not None
+
+    # -- schedule side (coordinator) ---------------------------------------------------
+    @abc.abstractmethod
+    def init_global(self, parts: ModelParts) -> None:
+        """Set the global state (e.g. the device weights to broadcast) from fresh models."""
+
+    @abc.abstractmethod
+    def run_round(self, rt: RoundRuntime, rnd: int, clients: list[int]) -> RoundSummary:
+        """One round: sample -> device work -> server work -> aggregate."""
+
+    @abc.abstractmethod
+    def eval_weights(self, rt: RoundRuntime) -> tuple[dict, dict]:
+        """(device block weights, server block weights) of the global model to evaluate."""
+
+    def state_dict(self) -> dict:
+        """The schedule-side state to checkpoint."""
+        return {k: v for k, v in vars(self).items() if k.startswith("global_")}
+
+    # -- client side (pool) ------------------------------------------------------------
+    @abc.abstractmethod
+    def client_program(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:
+        """What one device does in a round; returns (upload kind -> arrays, telemetry such as
+        num_samples and loss_sum)."""

@@ -1,0 +1,123 @@
+"""The Ray backend: client pools on (fractional) GPUs, server blocks on whole GPUs, a coordinator actor.
+
+Activations travel pool -> server block as numpy arrays in the object store (zero-copy reads
+on the same node). Every wait has a deadline. This module is the only one that imports ray,
+apart from run.py, which starts or joins the cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import ray
+
+from sfl_ray.config_base import ConfigError
+from sfl_ray.runtime.pool import ClientPool
+from sfl_ray.runtime.protocol import ClientReply
+from sfl_ray.runtime.server import ServerBlock
+
+log = logging.getLogger("sfl_ray.ray")
+
+
+class RayEndpoint:
+    """A client's way to a server block actor."""
+
+    def __init__(self, handle: Any, timeout_s: float):
+        self.handle, self.timeout_s = handle, timeout_s
+
+    def call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
+        return ray.get(self.handle.call.remote(method, client, arrays, info), timeout=self.timeout_s)
+
+
+class RayExecutor:
+    """Dispatches client programs to pool actors and control calls to server actors."""
+
+    def __init__(self, pools: list, servers: list, timeout_s: float):
+        self.pools, self.servers, self.timeout_s = pools, servers, timeout_s
+        self.num_servers = len(servers)
+
+    def _pool(self, client: int) -> Any:
+        return self.pools[client % len(self.pools)]
+
+    def run_clients(self, program: str, clients: Sequence[int], rnd: int, down: dict, parallel: bool,
+                    on_done: Callable[[ClientReply], None]) -> list[ClientReply]:
+        down_ref = ray.put(down)  # one copy in the object store, read by every pool
+        if not parallel:
+            out = []
+            for c in clients:
+                r = ray.get(self._pool(c).run.remote(program, c, rnd, down_ref), timeout=self.timeout_s)
+                on_done(r)
+                out.append(r)
+                if r.error:
+                    break  # a sequential schedule cannot go on past a failed client
+            return out
+        refs = {self._pool(c).run.remote(program, c, rnd, down_ref): i for i, c in enumerate(clients)}
+        results: list[Optional[ClientReply]] = [None] * len(clients)
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=self.timeout_s)
+            if not ready:
+                raise TimeoutError(f"no client reply within {self.timeout_s}s in round {rnd} "
+                                   f"({len(pending)} of {len(clients)} outstanding)")
+            r = ray.get(ready[0])
+            results[refs[ready[0]]] = r
+            on_done(r)
+        return results  # type: ignore[return-value]
+
+    def server_control(self, index: int, method: str, *args: Any) -> Any:
+        return ray.get(self.servers[index].control.remote(method, *args), timeout=self.timeout_s)
+
+    def pop_server_flops(self) -> int:
+        return sum(ray.get([s.pop_flops.remote() for s in self.servers], timeout=self.timeout_s))
+
+
+def plan_topology(cluster, num_clients: int, needs_server: bool) -> tuple[int, int]:
+    """(pools, servers) for this cluster; refuses requests the cluster cannot hold."""
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    servers = cluster.num_servers if needs_server else 0
+    free_cpu = cpus - servers * cluster.server_cpus
+    free_gpu = gpus - servers * cluster.server_gpus
+    if servers * cluster.server_gpus > gpus:
+        raise ConfigError("cluster.server_gpus", cluster.server_gpus,
+                          f"{servers} server block(s) x {cluster.server_gpus} GPU > the cluster's {gpus:g} GPUs")
+    pools = cluster.num_pools
+    if pools is None:
+        limits = [num_clients]
+        if cluster.pool_cpus > 0:
+            limits.append(int(math.floor(free_cpu / cluster.pool_cpus + 1e-9)))
+        if cluster.client_gpus > 0:
+            limits.append(int(math.floor(free_gpu / cluster.client_gpus + 1e-9)))
+        pools = max(1, min(limits))
+    pools = min(pools, num_clients)
+    if pools * cluster.pool_cpus > free_cpu + 1e-9:
+        raise ConfigError("cluster.num_pools", pools,
+                          f"{pools} pools x {cluster.pool_cpus} CPU + {servers} servers x {cluster.server_cpus} CPU "
+                          f"> the cluster's {cpus:g} CPUs")
+    if pools * cluster.client_gpus > free_gpu + 1e-9:
+        raise ConfigError("cluster.client_gpus", cluster.client_gpus,
+                          f"{pools} pools x {cluster.client_gpus} GPU + {servers} servers x {cluster.server_gpus} GPU "
+                          f"> the cluster's {gpus:g} GPUs")
+    return pools, servers
+
+
+def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) -> RayExecutor:
+    """Create server block and client pool actors and wait until each is alive."""
+    pools_n, servers_n = plan_topology(cluster, len(shards), algorithm_cls.server_cls is not None)
+    server_actor = ray.remote(ServerBlock)
+    servers = [server_actor.options(num_cpus=cluster.server_cpus, num_gpus=cluster.server_gpus,
+                                    name=None).remote(algorithm_cls, blueprint, i, cluster.server_gpus > 0)
+               for i in range(servers_n)]
+    endpoints = [RayEndpoint(s, cluster.task_timeout_s) for s in servers]
+    x_ref, y_ref = ray.put(train_x), ray.put(train_y)
+    pool_actor = ray.remote(ClientPool)
+    pools = []
+    for p in range(pools_n):
+        mine = {c: shards[c] for c in range(len(shards)) if c % pools_n == p}
+        pools.append(pool_actor.options(num_cpus=cluster.pool_cpus, num_gpus=cluster.client_gpus).remote(
+            algorithm_cls, blueprint, x_ref, y_ref, mine, endpoints, cluster.client_gpus))
+    ray.get([a.ping.remote() for a in servers + pools], timeout=cluster.task_timeout_s)
+    log.info("started %d client pool(s) and %d server block(s)", pools_n, servers_n)
+    return RayExecutor(pools, servers, cluster.task_timeout_s)

@@ -1,0 +1,62 @@
+"""A server block: hosts an algorithm's server program, counts its FLOPs.
+
+Requests from clients arrive as numpy arrays (zero-copy from the object store) and are
+handed to the program as tensors; replies go back as numpy arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sfl_ray.runtime.protocol import Algorithm, Blueprint, ServerContext
+from sfl_ray.runtime.wire import pack, to_tensor
+
+log = logging.getLogger("sfl_ray.server")
+
+
+def _tensors(arrays: dict, device: torch.device) -> dict:
+    return {k: (_tensors(v, device) if isinstance(v, dict) else to_tensor(v, device)) for k, v in arrays.items()}
+
+
+class ServerBlock:
+    """One server-block process (a whole GPU on a cluster)."""
+
+    def __init__(self, algorithm_cls: type[Algorithm], blueprint: Blueprint, index: int, use_gpu: bool = False):
+        torch.set_num_threads(blueprint.torch_threads)
+        if algorithm_cls.server_cls is None:
+            raise ValueError(f"algorithm {algorithm_cls.name} has no server half")
+        device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self.device = device
+        self.program = algorithm_cls.server_cls(ServerContext(blueprint, index, device))
+        self.flops = 0
+
+    def _counted(self, fn, *args: Any) -> Any:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = fn(*args)
+        self.flops += int(counter.get_total_flops())
+        return out
+
+    def call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
+        """A request from a client over the link."""
+        fn = getattr(self.program, method)
+        reply, reply_info = self._counted(fn, client, _tensors(arrays, self.device), info)
+        return pack(reply), reply_info
+
+    def control(self, method: str, *args: Any) -> Any:
+        """A call from the schedule (server-side work, not on the link)."""
+        return self._counted(getattr(self.program, method), *args)
+
+    def pop_flops(self) -> int:
+        """FLOPs since the last call (the coordinator reads this once per round)."""
+        f, self.flops = self.flops, 0
+        return f
+
+    def ping(self) -> dict:
+        import os
+        import socket
+        return {"pid": os.getpid(), "host": socket.gethostname(), "device": str(self.device)}

@@ -1,0 +1,76 @@
+"""How tensors travel: as contiguous numpy arrays (zero-copy reads from the object store).
+
+A payload is a dict kind -> array, or kind -> {name: array} (a state dict). Its size is the
+sum of the arrays' nbytes: what was moved is what is counted.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+Weights = dict[str, np.ndarray]
+
+
+def to_numpy(t: torch.Tensor, copy: bool = False) -> np.ndarray:
+    """A tensor as a contiguous CPU numpy array (no autograd history). copy=True for state
+    that must not change when the tensor is later updated in place (weights)."""
+    a = t.detach().cpu().numpy()
+    return a.copy() if copy else np.ascontiguousarray(a)
+
+
+def to_tensor(a: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
+    """A numpy array as a tensor; arrays read from the object store are read-only, so the
+    tensor shares memory until something writes (nothing does: we copy into params)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(a)
+    return t.to(device) if str(device) != "cpu" else t
+
+
+def module_weights(module: nn.Module, trainable_only: bool = False) -> Weights:
+    """A module's state (parameters and buffers) as numpy arrays."""
+    if trainable_only:
+        return {n: to_numpy(p, copy=True) for n, p in module.named_parameters() if p.requires_grad}
+    return {n: to_numpy(t, copy=True) for n, t in module.state_dict().items()}
+
+
+def load_weights(module: nn.Module, weights: Mapping[str, np.ndarray], strict: bool = True) -> None:
+    """Copy numpy weights into a module in place (optimizers holding its params stay valid)."""
+    state = module.state_dict()
+    if strict and set(state) != set(weights):
+        missing, extra = set(state) - set(weights), set(weights) - set(state)
+        raise KeyError(f"weights do not match the module: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}")
+    with torch.no_grad():
+        for name, value in weights.items():
+            state[name].copy_(to_tensor(value))
+
+
+def payload_nbytes(value: Any) -> int:
+    """Bytes of a payload value: an array, a tensor, or a (nested) dict of them."""
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, torch.Tensor):
+        return int(value.numel() * value.element_size())
+    if isinstance(value, Mapping):
+        return sum(payload_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(payload_nbytes(v) for v in value)
+    raise TypeError(f"cannot send a {type(value).__name__} across the link; send arrays or dicts of arrays")
+
+
+def pack(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Tensors -> numpy arrays, recursively, for the wire."""
+    out: dict[str, Any] = {}
+    for k, v in payload.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = to_numpy(v)
+        elif isinstance(v, Mapping):
+            out[k] = pack(v)
+        else:
+            out[k] = v
+    return out
