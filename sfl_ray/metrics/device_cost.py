@@ -140,6 +140,20 @@ def measure_device(tracker: MemoryTracker, device: torch.device) -> Iterator[dic
     result["cuda_peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(device)) if cuda else 0
 
 
+@contextlib.contextmanager
+def off_device() -> Iterator[None]:
+    """Suspend device measurement: work inside (a server block answering in the same process,
+    on the local backend) is not the device's cost."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes(), torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+        yield
+
+
+def _identity(t):
+    return t
+
+
 def count_flops(fn, *args, **kwargs) -> tuple[object, int]:
     """Run fn and return (result, FLOPs)."""
     counter = FlopCounterMode(display=False)

@@ -29,6 +29,7 @@ def format_progress(p: dict) -> str:
     acc = p.get("eval_accuracy")
     parts = [f"round {p['round']}/{p['rounds']}", f"clients {p['clients_done']}/{p['clients_total']}"]
     if row.get("round") == p["round"]:
+        parts[1] = f"clients {row['clients']}/{row['clients']}"
         if row.get("train_loss") is not None:
             parts.append(f"loss {row['train_loss']:.4f}")
         parts.append(f"{row['bytes_cum'] / MIB:.1f} MiB")
@@ -87,12 +88,16 @@ def _run_on_ray(algorithm_cls, blueprint, cfg, data, shards, writer, common, sho
     coord = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2, scheduling_strategy=here).remote(
         algorithm_cls(blueprint), executor, evaluator, writer, **common)
     done = coord.run.remote()
-    while True:
-        ready, _ = ray.wait([done], timeout=0.5)
-        try:
-            show(ray.get(coord.progress.remote(), timeout=cfg.cluster.task_timeout_s))
-        except ray.exceptions.RayActorError:
-            pass  # the coordinator died; ray.get(done) below raises with the cause
-        if ready:
-            return ray.get(done)
-        time.sleep(0.5)
+    try:
+        while True:
+            ready, _ = ray.wait([done], timeout=0.5)
+            try:
+                show(ray.get(coord.progress.remote(), timeout=cfg.cluster.task_timeout_s))
+            except ray.exceptions.RayActorError:
+                pass  # the coordinator died; ray.get(done) below raises with the cause
+            if ready:
+                return ray.get(done)
+            time.sleep(0.5)
+    finally:
+        ray.kill(coord)
+        executor.shutdown()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
+from sfl_ray.metrics.device_cost import off_device
 from sfl_ray.runtime.wire import pack, payload_nbytes, to_tensor
 
 UP, DOWN = "up", "down"
@@ -56,6 +57,7 @@ class Link:
             raise RuntimeError("this algorithm declared no server block, yet a client called one")
         wire = pack(arrays)
         self.ledger.record(UP, wire)
-        reply, reply_info = self._endpoint.call(method, self.client, wire, dict(info or {}))
+        with off_device():
+            reply, reply_info = self._endpoint.call(method, self.client, wire, dict(info or {}))
         self.ledger.record(DOWN, reply)
         return {k: to_tensor(v) for k, v in reply.items()}, reply_info

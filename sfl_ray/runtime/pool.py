@@ -29,6 +29,20 @@ def pick_device(gpu_fraction: float) -> torch.device:
     return torch.device("cpu")
 
 
+def where_am_i() -> dict:
+    """Process, node and GPU ids of this process (node/GPU ids only inside Ray)."""
+    import os
+    info: dict = {"pid": os.getpid(), "node_id": None, "gpu_ids": []}
+    try:
+        import ray
+        if ray.is_initialized():
+            info["node_id"] = ray.get_runtime_context().get_node_id()
+            info["gpu_ids"] = [str(g) for g in ray.get_gpu_ids()]
+    except ImportError:
+        pass
+    return info
+
+
 class ClientPool:
     """Hosts the virtual clients `shards` (client id -> sample indices) of one pool."""
 
@@ -49,10 +63,7 @@ class ClientPool:
 
     def ping(self) -> dict:
         """Where this pool runs (for placement checks and health)."""
-        import os
-        import socket
-        return {"pid": os.getpid(), "host": socket.gethostname(), "clients": len(self.shards),
-                "device": str(self.device)}
+        return {**where_am_i(), "clients": sorted(self.shards), "device": str(self.device)}
 
     def run(self, program: str, client: int, rnd: int, down: dict) -> ClientReply:
         """Run one client's program for one round; failures come back as values."""

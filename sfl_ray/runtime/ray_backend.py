@@ -72,6 +72,15 @@ class RayExecutor:
     def pop_server_flops(self) -> int:
         return sum(ray.get([s.pop_flops.remote() for s in self.servers], timeout=self.timeout_s))
 
+    def placement(self) -> dict:
+        """Where each actor runs: node id, GPU ids, device (for checks and the dashboard)."""
+        return {"pools": ray.get([p.ping.remote() for p in self.pools], timeout=self.timeout_s),
+                "servers": ray.get([s.ping.remote() for s in self.servers], timeout=self.timeout_s)}
+
+    def shutdown(self) -> None:
+        for a in self.pools + self.servers:
+            ray.kill(a)
+
 
 def plan_topology(cluster, num_clients: int, needs_server: bool) -> tuple[int, int]:
     """(pools, servers) for this cluster; refuses requests the cluster cannot hold."""
@@ -118,6 +127,10 @@ def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) ->
         mine = {c: shards[c] for c in range(len(shards)) if c % pools_n == p}
         pools.append(pool_actor.options(num_cpus=cluster.pool_cpus, num_gpus=cluster.client_gpus).remote(
             algorithm_cls, blueprint, x_ref, y_ref, mine, endpoints, cluster.client_gpus))
-    ray.get([a.ping.remote() for a in servers + pools], timeout=cluster.task_timeout_s)
+    try:
+        ray.get([a.ping.remote() for a in servers + pools], timeout=cluster.task_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"{pools_n} pool(s) and {servers_n} server block(s) were not all scheduled within "
+                           f"{cluster.task_timeout_s}s; cluster resources: {ray.cluster_resources()}") from None
     log.info("started %d client pool(s) and %d server block(s)", pools_n, servers_n)
     return RayExecutor(pools, servers, cluster.task_timeout_s)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from sfl_ray.runtime.pool import where_am_i
 from sfl_ray.runtime.protocol import Algorithm, Blueprint, ServerContext
 from sfl_ray.runtime.wire import pack, to_tensor
 
@@ -57,6 +58,4 @@ class ServerBlock:
         return f
 
     def ping(self) -> dict:
-        import os
-        import socket
-        return {"pid": os.getpid(), "host": socket.gethostname(), "device": str(self.device)}
+        return {**where_am_i(), "device": str(self.device)}
