@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sfl_ray.config_base import Section
-from sfl_ray.runtime.protocol import ClientContext, ClientReply
+from sfl_ray.runtime.protocol import ClientContext, ClientReply, ServerProgram
 from sfl_ray.runtime.wire import Weights, load_weights, module_weights
 from sfl_ray.seeding import np_rng
 
@@ -93,3 +93,55 @@ def server_step(model: nn.Module, opt: torch.optim.Optimizer, arrays: dict) -> t
     loss.backward()
     opt.step()
     return {"gradients": z.grad}, {"loss": float(loss.detach())}
+
+
+class BufferedServer(ServerProgram):
+    """One lazily updated server block fed by uploads of smashed data (CSE-FSL, FSL-SAGE, HERON-SFL).
+
+    Clients run in parallel and `upload` only stores what arrives; the schedule then calls
+    `train_uploads(order)`, which takes one server step per upload, client by client in `order`.
+    Nothing flows back to the device, so this is the same computation as stepping on arrival in
+    that order, and it stays deterministic whichever client finishes first.
+    """
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.model = ctx.build_parts().server
+        self.opt = ctx.optimizer([self.model], lr=getattr(ctx.config, "server_lr", None))
+        self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def upload(self, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
+        # Copy: the arrays may be read-only views of the object store.
+        self.pending.setdefault(client, []).append((arrays["activations"].clone(), arrays["labels"].clone()))
+        return {}, {}
+
+    def train_uploads(self, order: Sequence[int]) -> dict:
+        """One step per stored upload, clients in `order`; returns the server's loss."""
+        loss_sum, count = 0.0, 0
+        self.model.train()
+        for c in order:
+            for z, y in self.pending.pop(c, []):
+                loss = F.cross_entropy(self.model(z), y)
+                self.opt.zero_grad()
+                loss.backward()
+                self.opt.step()
+                self.after_step(c, z, y)
+                loss_sum += float(loss.detach()) * len(y)
+                count += len(y)
+        self.pending.clear()
+        return {"server_loss": loss_sum / count if count else None, "server_steps": count}
+
+    def after_step(self, client: int, z: torch.Tensor, y: torch.Tensor) -> None:
+        """Hook for subclasses (FSL-SAGE keeps the uploads for alignment)."""
+
+    def get_weights(self) -> dict:
+        return module_weights(self.model)
+
+
+def upload_batches(k: int, num_batches: int, every: int, phase: str) -> bool:
+    """Whether local batch k is uploaded: one upload per chunk of `every` batches, on the chunk's
+    first batch (phase 'first', FSL-SAGE's re-implementation) or last ('last', the original
+    CSE-FSL code; a short final chunk uploads its last batch)."""
+    if phase == "first":
+        return k % every == 0
+    return k % every == every - 1 or k == num_batches - 1

@@ -14,7 +14,7 @@ import math
 import platform
 import threading
 import time
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 import torch
 
@@ -46,7 +46,8 @@ class Executor(Protocol):
     num_servers: int
 
     def run_clients(self, program: str, clients: Sequence[int], rnd: int, down: dict, parallel: bool,
-                    on_done: Callable[[ClientReply], None]) -> list[ClientReply]: ...
+                    on_done: Callable[[ClientReply], None],
+                    per_client: Optional[Mapping[int, dict]] = None) -> list[ClientReply]: ...
 
     def server_control(self, index: int, method: str, *args: Any) -> Any: ...
 
@@ -61,8 +62,8 @@ class _Round(RoundRuntime):
         self.num_servers = executor.num_servers
         self.groups: list[tuple[bool, list[ClientReply]]] = []
 
-    def clients(self, ids, down, parallel=True, program="client_program"):
-        replies = self.executor.run_clients(program, list(ids), self.rnd, down, parallel, self.on_done)
+    def clients(self, ids, down, parallel=True, program="client_program", per_client=None):
+        replies = self.executor.run_clients(program, list(ids), self.rnd, down, parallel, self.on_done, per_client)
         failed = [r for r in replies if r.error]
         if failed:
             r = failed[0]

@@ -5,7 +5,7 @@ For debugging with pdb and as the reference the Ray backend must match to the la
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from sfl_ray.runtime.pool import ClientPool
 from sfl_ray.runtime.protocol import ClientReply
@@ -33,10 +33,11 @@ class LocalExecutor:
                                [LocalEndpoint(s) for s in self.servers])
 
     def run_clients(self, program: str, clients: Sequence[int], rnd: int, down: dict, parallel: bool,
-                    on_done: Callable[[ClientReply], None]) -> list[ClientReply]:
+                    on_done: Callable[[ClientReply], None],
+                    per_client: Optional[Mapping[int, dict]] = None) -> list[ClientReply]:
         replies = []
         for c in clients:
-            r = self.pool.run(program, c, rnd, down)
+            r = self.pool.run(program, c, rnd, {**down, **per_client.get(c, {})} if per_client else down)
             on_done(r)
             replies.append(r)
             if r.error and not parallel:

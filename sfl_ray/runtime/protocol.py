@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Optional, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -154,10 +154,12 @@ class RoundRuntime(abc.ABC):
 
     @abc.abstractmethod
     def clients(self, ids: Sequence[int], down: dict, parallel: bool = True,
-                program: str = "client_program") -> list[ClientReply]:
-        """Run `program` on these clients, each receiving `down` (counted as downlink).
-        parallel=False runs them one after another in the given order (and the simulated
-        time adds up); replies come back in the order of `ids`."""
+                program: str = "client_program", per_client: Optional[Mapping[int, dict]] = None
+                ) -> list[ClientReply]:
+        """Run `program` on these clients, each receiving `down` (counted as downlink), plus
+        `per_client[c]` for client c if given (e.g. its own gradient). parallel=False runs them
+        one after another in the given order (and the simulated time adds up); replies come
+        back in the order of `ids`."""
 
     @abc.abstractmethod
     def server(self, method: str, *args: Any, index: int = 0) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import ray
 
@@ -42,18 +42,23 @@ class RayExecutor:
         return self.pools[client % len(self.pools)]
 
     def run_clients(self, program: str, clients: Sequence[int], rnd: int, down: dict, parallel: bool,
-                    on_done: Callable[[ClientReply], None]) -> list[ClientReply]:
-        down_ref = ray.put(down)  # one copy in the object store, read by every pool
+                    on_done: Callable[[ClientReply], None],
+                    per_client: Optional[Mapping[int, dict]] = None) -> list[ClientReply]:
+        shared = ray.put(down)  # one copy in the object store, read by every pool
+
+        def payload(c: int) -> Any:
+            return ray.put({**down, **per_client[c]}) if per_client and c in per_client else shared
+
         if not parallel:
             out = []
             for c in clients:
-                r = ray.get(self._pool(c).run.remote(program, c, rnd, down_ref), timeout=self.timeout_s)
+                r = ray.get(self._pool(c).run.remote(program, c, rnd, payload(c)), timeout=self.timeout_s)
                 on_done(r)
                 out.append(r)
                 if r.error:
                     break  # a sequential schedule cannot go on past a failed client
             return out
-        refs = {self._pool(c).run.remote(program, c, rnd, down_ref): i for i, c in enumerate(clients)}
+        refs = {self._pool(c).run.remote(program, c, rnd, payload(c)): i for i, c in enumerate(clients)}
         results: list[Optional[ClientReply]] = [None] * len(clients)
         pending = list(refs)
         while pending:
