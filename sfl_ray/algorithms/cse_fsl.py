@@ -45,6 +45,31 @@ class AuxHeadMixin:
         return self._aux_module
 
 
+def local_loss_program(ctx: ClientContext, down: dict, aux: nn.Module, upload_every: int | None,
+                       upload_phase: str = "first") -> tuple[dict, dict]:
+    """Train device block + aux head with the aux's local loss; optionally upload the smashed
+    data of one batch per `upload_every` (CSE-FSL). Returns both modules' weights."""
+    device = ctx.parts.device
+    load_weights(device, down["weights"])
+    load_weights(aux, down["aux_weights"])
+    device.train(), aux.train()
+    opt = ctx.optimizer([device, aux])
+    loss_sum, count, k_total = 0.0, 0, ctx.num_batches()
+    for epoch in range(ctx.train.local_epochs):
+        for k, (x, y) in enumerate(ctx.batches(epoch)):
+            z = device(x)  # (B, *act_shape) smashed activations
+            if upload_every and upload_batches(k, k_total, upload_every, upload_phase):
+                ctx.link.call("upload", {"activations": z, "labels": y})  # nothing comes back
+            loss = F.cross_entropy(aux(z), y)  # the local loss replaces the server's gradient
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(y)
+            count += len(y)
+    return ({"weights": module_weights(device), "aux_weights": module_weights(aux)},
+            {"num_samples": ctx.num_samples, "loss_sum": loss_sum, "loss_count": count})
+
+
 class CSEFSL(AuxHeadMixin, Algorithm):
     name = "cse_fsl"
     config_cls = CSEFSLConfig
@@ -55,25 +80,8 @@ class CSEFSL(AuxHeadMixin, Algorithm):
         self.global_aux = module_weights(self.aux_module(parts.act_shape))
 
     def client_program(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:
-        device, aux = ctx.parts.device, self.aux_module(ctx.parts.act_shape)
-        load_weights(device, down["weights"])
-        load_weights(aux, down["aux_weights"])
-        device.train(), aux.train()
-        opt = ctx.optimizer([device, aux])
-        loss_sum, count, k_total = 0.0, 0, ctx.num_batches()
-        for epoch in range(ctx.train.local_epochs):
-            for k, (x, y) in enumerate(ctx.batches(epoch)):
-                z = device(x)  # (B, *act_shape) smashed activations
-                if upload_batches(k, k_total, self.config.upload_every, self.config.upload_phase):
-                    ctx.link.call("upload", {"activations": z, "labels": y})  # nothing comes back
-                loss = F.cross_entropy(aux(z), y)  # the local loss replaces the server's gradient
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                loss_sum += float(loss.detach()) * len(y)
-                count += len(y)
-        return ({"weights": module_weights(device), "aux_weights": module_weights(aux)},
-                {"num_samples": ctx.num_samples, "loss_sum": loss_sum, "loss_count": count})
+        return local_loss_program(ctx, down, self.aux_module(ctx.parts.act_shape),
+                                  self.config.upload_every, self.config.upload_phase)
 
     def run_round(self, rt: RoundRuntime, rnd: int, clients: list[int]) -> RoundSummary:
         replies = rt.clients(clients, {"weights": self.global_device, "aux_weights": self.global_aux})

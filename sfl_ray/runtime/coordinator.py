@@ -92,7 +92,8 @@ class Coordinator:
         self.num_clients, self.per_round = num_clients, clients_per_round
         self.stop, self.cost_model, self.seed = stop, cost_model, seed
         self.state = State.STARTING
-        self._progress: dict = {"state": self.state.value, "round": 0, "rounds": stop.rounds,
+        self._progress: dict = {"state": self.state.value, "round": 0,
+                                "rounds": stop.rounds + algorithm.final_phases(),
                                 "clients_done": 0, "clients_total": 0, "eval_accuracy": None, "row": None}
         self._lock = threading.Lock()
         self.bytes_cum = 0
@@ -125,6 +126,9 @@ class Coordinator:
                 reason = self._stop_reason(rnd, row)
                 if reason:
                     break
+            for i in range(self.algorithm.final_phases()):
+                rnd += 1
+                self.run_one_round(rnd, final=i)
             summary = self._summary(rnd, reason or "rounds")
             self.writer.write_json("summary.json", summary)
             self.state = State.FINISHED
@@ -135,8 +139,9 @@ class Coordinator:
             self._set(state=self.state.value)
             raise
 
-    def run_one_round(self, rnd: int) -> dict:
-        clients = self.sample(rnd)
+    def run_one_round(self, rnd: int, final: Optional[int] = None) -> dict:
+        """One row: a round of the algorithm, or (final=i) its i-th final phase."""
+        clients = self.sample(rnd) if final is None else []
         self.state = State.RUNNING_ROUND
         self._set(state=self.state.value, round=rnd, clients_done=0, clients_total=len(clients))
         done = {"n": 0}
@@ -147,15 +152,18 @@ class Coordinator:
 
         t0 = time.perf_counter()
         rt = _Round(self.executor, rnd, on_done)
-        summary = self.algorithm.run_round(rt, rnd, clients)
+        if final is None:
+            summary = self.algorithm.run_round(rt, rnd, clients)
+        else:
+            summary = self.algorithm.run_final(rt, rnd, final)
         server_flops = self.executor.pop_server_flops()
         row = self._account(rnd, rt, summary, server_flops, clients)
-        if self._due_eval(rnd, row):
+        weights = self.algorithm.eval_weights(rt) if self._due_eval(rnd, row) or final is not None else None
+        self.executor.pop_server_flops()  # fetching weights is not training work
+        if weights is not None:
             self.state = State.EVALUATING
             self._set(state=self.state.value)
-            dw, sw = self.algorithm.eval_weights(rt)
-            row.update(self.evaluator.evaluate(dw, sw))
-            self.executor.pop_server_flops()  # fetching weights is not training work
+            row.update(self.evaluator.evaluate(*weights))
         else:
             row.update({"eval_accuracy": None, "eval_loss": None})
         row["wall_s"] = time.perf_counter() - t0
@@ -184,7 +192,7 @@ class Coordinator:
             loss = sum(r.info["loss_sum"] for r in replies if "loss_sum" in r.info) / n if n else None
         return {
             "round": rnd, "algorithm": self.algorithm.name, "phase": summary.phase,
-            "clients": len(clients), "train_loss": loss,
+            "clients": len({r.client for r in replies}) or len(clients), "train_loss": loss,
             "bytes_up": up, "bytes_down": down, "bytes_cum": self.bytes_cum,
             "bytes_by_kind": dict(sorted(by_kind.items())),
             "device_flops": sum(r.flops for r in replies),
@@ -201,7 +209,8 @@ class Coordinator:
 
     def _due_eval(self, rnd: int, row: dict) -> bool:
         every = self.algorithm.train.eval_every
-        return rnd % every == 0 or rnd == self.stop.rounds or self._budget_hit() or self.stop.target_metric is not None
+        return (rnd % every == 0 or rnd >= self.stop.rounds or self._budget_hit()
+                or self.stop.target_metric is not None)
 
     def _budget_hit(self) -> bool:
         b = self.stop.comm_budget_gib

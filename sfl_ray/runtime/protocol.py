@@ -197,8 +197,18 @@ class Algorithm(abc.ABC):
         """One round: sample -> device work -> server work -> aggregate."""
 
     @abc.abstractmethod
-    def eval_weights(self, rt: RoundRuntime) -> tuple[dict, dict]:
-        """(device block weights, server block weights) of the global model to evaluate."""
+    def eval_weights(self, rt: RoundRuntime) -> Optional[tuple[dict, dict]]:
+        """(device block weights, server block weights) of the global model to evaluate, or None
+        when there is no meaningful global model yet (e.g. Ampere before its server phase)."""
+
+    def final_phases(self) -> int:
+        """Rows that always follow the last round, whatever stopped the rounds (Ampere's
+        transfer and server epochs)."""
+        return 0
+
+    def run_final(self, rt: RoundRuntime, rnd: int, index: int) -> RoundSummary:
+        """Final phase `index` (0-based), reported as row `rnd`."""
+        raise NotImplementedError(f"{self.name} declares final phases but does not run them")
 
     def state_dict(self) -> dict:
         """The schedule-side state to checkpoint."""

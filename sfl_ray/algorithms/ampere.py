@@ -1,0 +1,128 @@
+"""Ampere (Zhang, Wong, Varghese; arXiv 2507.07130): unidirectional inter-block training.
+
+Phase 1 (rounds 1..stop.rounds): devices train their block with a generated light auxiliary
+head and its local loss; device block and head are FedAvg'd. Nothing else crosses the link.
+Phase 2 (one row, "transfer"): each device sends the activations of its whole data set, made by
+the trained, frozen device block, once. Phase 3 (`server_epochs` rows, "server"): the server
+block trains on the consolidated activations, shuffled across devices, so its batches are
+IID-like although each device's data is not. No gradient ever flows to a device.
+
+Only the abstract was available; the phases follow the spec's [PROPOSED] design.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from sfl_ray.algorithms.common import SplitConfigMixin, fedavg_replies
+from sfl_ray.algorithms.cse_fsl import AuxHeadMixin, local_loss_program
+from sfl_ray.models.aux import AuxConfig
+from sfl_ray.models.split import ModelParts
+from sfl_ray.runtime.protocol import Algorithm, ClientContext, RoundRuntime, RoundSummary, ServerProgram
+from sfl_ray.runtime.wire import load_weights, module_weights, to_tensor
+from sfl_ray.seeding import np_rng
+
+
+class AmpereConfig(SplitConfigMixin):
+    name: Literal["ampere"] = Field("ampere", description="Ampere: device phase, one transfer, server phase.")
+    aux: AuxConfig = Field(AuxConfig(), description="The generated auxiliary head (kind and param/FLOP budget).")
+    server_epochs: int = Field(5, gt=0, description="Epochs of server-block training on the consolidated set.")
+    server_batch_size: Optional[int] = Field(None, gt=0, description="Server batch size; None = train.batch_size.")
+    server_lr: Optional[float] = Field(None, gt=0, description="Server learning rate; None = train.lr.")
+    shuffle_across_devices: bool = Field(True, description="Shuffle the consolidated set across devices "
+                                         "(False: device by device, as SFL sees it; for ablations).")
+    server_trainer: Literal["actor"] = Field("actor", description="Where the server phase runs: the server "
+                                             "block actor. (A Ray Train variant is planned.)")
+
+
+class ConsolidatedServer(ServerProgram):
+    """Trains the server block on the pooled activations of all devices."""
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.model = ctx.build_parts().server
+        self.opt = ctx.optimizer([self.model], lr=ctx.config.server_lr)
+        self.z: Optional[torch.Tensor] = None
+
+    def set_dataset(self, z: np.ndarray, y: np.ndarray, owner: np.ndarray) -> int:
+        self.z, self.y, self.owner = to_tensor(np.array(z)), to_tensor(np.array(y)), np.asarray(owner)
+        return len(self.y)
+
+    def train_epoch(self, epoch: int) -> dict:
+        cfg, n = self.ctx.config, len(self.y)
+        bs = cfg.server_batch_size or self.ctx.train.batch_size
+        order = (np_rng(self.ctx.blueprint.seed, "ampere_server", epoch).permutation(n)
+                 if cfg.shuffle_across_devices else np.arange(n))
+        self.model.train()
+        loss_sum, mix = 0.0, []
+        for i in range(0, n, bs):
+            b = order[i: i + bs]
+            loss = F.cross_entropy(self.model(self.z[b]), self.y[b])
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+            loss_sum += float(loss.detach()) * len(b)
+            mix.append(len(np.unique(self.owner[b])))
+        return {"train_loss": loss_sum / n, "server_batch_devices_mean": float(np.mean(mix))}
+
+    def get_weights(self) -> dict:
+        return module_weights(self.model)
+
+
+class Ampere(AuxHeadMixin, Algorithm):
+    name = "ampere"
+    config_cls = AmpereConfig
+    server_cls = ConsolidatedServer
+
+    def init_global(self, parts: ModelParts) -> None:
+        self.global_device = module_weights(parts.device)
+        self.global_aux = module_weights(self.aux_module(parts.act_shape))
+        self.global_phase = "device"
+
+    # -- phase 1 -------------------------------------------------------------------------
+    def client_program(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:
+        return local_loss_program(ctx, down, self.aux_module(ctx.parts.act_shape), upload_every=None)
+
+    def run_round(self, rt: RoundRuntime, rnd: int, clients: list[int]) -> RoundSummary:
+        replies = rt.clients(clients, {"weights": self.global_device, "aux_weights": self.global_aux})
+        self.global_device = fedavg_replies(replies, "weights", self.config.weighted)
+        self.global_aux = fedavg_replies(replies, "aux_weights", self.config.weighted)
+        return RoundSummary(phase="device")
+
+    # -- phases 2 and 3 ------------------------------------------------------------------
+    def final_phases(self) -> int:
+        return 1 + self.config.server_epochs
+
+    def activations_program(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:
+        """Phase 2 on a device: the frozen block's activations of every local sample, sent once."""
+        device = ctx.parts.device
+        load_weights(device, down["weights"])
+        device.eval()
+        x, y = ctx._data
+        with torch.no_grad():
+            z = torch.cat([device(torch.from_numpy(x[ctx.indices[i: i + 512]]).to(ctx.device))
+                           for i in range(0, ctx.num_samples, 512)])
+        return {"activations": z, "labels": torch.from_numpy(y[ctx.indices])}, {"num_samples": ctx.num_samples}
+
+    def run_final(self, rt: RoundRuntime, rnd: int, index: int) -> RoundSummary:
+        if index == 0:
+            everyone = list(range(self.train.num_clients))
+            replies = rt.clients(everyone, {"weights": self.global_device}, program="activations_program")
+            z = np.concatenate([r.up["activations"] for r in replies])
+            y = np.concatenate([r.up["labels"] for r in replies])
+            owner = np.concatenate([np.full(len(r.up["labels"]), r.client) for r in replies])
+            n = rt.server("set_dataset", z, y, owner)
+            self.global_phase = "server"
+            return RoundSummary(phase="transfer", extra={"consolidated_samples": n})
+        stats = rt.server("train_epoch", index - 1)
+        return RoundSummary(train_loss=stats.pop("train_loss"), phase="server", extra=stats)
+
+    def eval_weights(self, rt: RoundRuntime):
+        if self.global_phase != "server":
+            return None  # the server block is untrained until phase 3
+        return self.global_device, rt.server("get_weights")
