@@ -99,6 +99,21 @@ class CostModelConfig(Section):
     uplink_bytes_per_s: float = Field(1.25e6, gt=0, description="Device uplink (10 Mbit/s).")
     downlink_bytes_per_s: float = Field(6.25e6, gt=0, description="Device downlink (50 Mbit/s).")
     latency_s: float = Field(0.02, ge=0, description="One-way latency per message.")
+    heterogeneity: Literal["none", "lognormal", "list"] = Field(
+        "none", description="Per-client device profiles: none (all the default), lognormal (speed multipliers "
+        "drawn per client from the seed), list (multipliers given per client, cycled).")
+    sigma: float = Field(0.5, ge=0, description="lognormal: std of log(multiplier) for compute and for network.")
+    compute_speed: Optional[list[float]] = Field(None, description="list: per-client multipliers of device FLOP/s.")
+    network_speed: Optional[list[float]] = Field(None, description="list: per-client multipliers of bandwidth.")
+
+    @model_validator(mode="after")
+    def _lists(self) -> "CostModelConfig":
+        if self.heterogeneity == "list" and not (self.compute_speed or self.network_speed):
+            raise ValueError("heterogeneity=list needs compute_speed and/or network_speed")
+        for v in (self.compute_speed or []) + (self.network_speed or []):
+            if v <= 0:
+                raise ValueError(f"speed multipliers must be > 0, got {v}")
+        return self
 
 
 class TargetMetric(Section):

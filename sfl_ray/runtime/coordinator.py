@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 import torch
 
-from sfl_ray.metrics.cost_model import client_time, group_time, server_time
+from sfl_ray.metrics.cost_model import DeviceProfiles, group_time, server_time
 from sfl_ray.metrics.evaluate import Evaluator
 from sfl_ray.metrics.writer import RunWriter
 from sfl_ray.runtime.protocol import Algorithm, ClientReply, RoundRuntime
@@ -91,6 +91,7 @@ class Coordinator:
         self.algorithm, self.executor, self.evaluator, self.writer = algorithm, executor, evaluator, writer
         self.num_clients, self.per_round = num_clients, clients_per_round
         self.stop, self.cost_model, self.seed = stop, cost_model, seed
+        self.profiles = DeviceProfiles(cost_model, num_clients, seed)
         self.state = State.STARTING
         self._progress: dict = {"state": self.state.value, "round": 0,
                                 "rounds": stop.rounds + algorithm.final_phases(),
@@ -205,7 +206,7 @@ class Coordinator:
     def _client_time(self, r: ClientReply) -> float:
         up = sum(v for k, v in r.bytes.items() if k.startswith("up/"))
         down = sum(v for k, v in r.bytes.items() if k.startswith("down/"))
-        return client_time(r.flops, up, down, sum(r.messages.values()), self.cost_model)
+        return self.profiles.client_time(r.client, r.flops, up, down, sum(r.messages.values()))
 
     def _due_eval(self, rnd: int, row: dict) -> bool:
         every = self.algorithm.train.eval_every
