@@ -38,6 +38,10 @@ def prepare(cfg):
     from sfl_ray.models.split import build_parts
 
     algorithm_cls = get_algorithm(cfg.algorithm.name)
+    if algorithm_cls.max_servers is not None and cfg.cluster.num_servers > algorithm_cls.max_servers:
+        from sfl_ray.config_base import ConfigError
+        raise ConfigError("cluster.num_servers", cfg.cluster.num_servers,
+                          f"{cfg.algorithm.name} trains one server model: at most {algorithm_cls.max_servers}")
     data = load_source(cfg.data)
     shards = partition(data.train_y, cfg.partition, cfg.train.num_clients, cfg.seed)
     if min(len(s) for s in shards) == 0:

@@ -19,6 +19,7 @@ from sfl_ray.run import main
       "--set", "data.max_train_samples=50"], "train.num_clients=100"),
     (["--config", "jobs/quickstart.yaml", "--set", "cluster.backend=spark"], "cluster.backend='spark'"),
     (["--config", "jobs/quickstart.yaml", "--set", "bogus"], "bogus"),
+    (["--config", "jobs/quickstart.yaml", "--set", "cluster.num_servers=2"], "cluster.num_servers=2"),
     (["--nonsense"], "arguments"),
 ])
 def test_bad_config_exits_2_with_one_line(capsys, args, needle):
@@ -54,5 +55,5 @@ def test_every_algorithm_runs_from_its_name_alone(name):
 @pytest.mark.parametrize("path", sorted(glob.glob("jobs/*.yaml")))
 def test_every_job_file_parses_and_says_how_to_run_it(path):
     text = open(path).read()
-    assert text.startswith("#") and "sfl_ray.run" in text.splitlines()[0]
+    assert text.startswith("#") and "python -m sfl_ray." in text.splitlines()[0]
     load_config(path)

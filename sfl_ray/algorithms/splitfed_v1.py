@@ -53,6 +53,7 @@ class SplitFedV1(Algorithm):
     name = "splitfed_v1"
     config_cls = SplitFedV1Config
     server_cls = ReplicaServer
+    max_servers = None  # replicas are independent, so they may live on many server blocks
 
     def init_global(self, parts: ModelParts) -> None:
         self.global_device = module_weights(parts.device)

@@ -177,6 +177,8 @@ class Algorithm(abc.ABC):
     name: ClassVar[str]
     config_cls: ClassVar[type[Section]]
     server_cls: ClassVar[Optional[type[ServerProgram]]] = None
+    # One server model trained by everyone (the default) cannot be spread over several blocks.
+    max_servers: ClassVar[Optional[int]] = 1
 
     def __init__(self, blueprint: Blueprint):
         self.blueprint = blueprint
