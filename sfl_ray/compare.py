@@ -1,6 +1,7 @@
 """Run every algorithm on one job (same model, cut, data, clients, split, seed) and write one table.
 
     python -m sfl_ray.compare --config jobs/compare_mnist.yaml [--algorithms fedavg,sl,...] [--set KEY=VALUE ...]
+        [--algo-set NAME:KEY=VALUE ...]
 
 Each algorithm runs with its own defaults (`--set algorithm.name=X` alone) into
 `<output.dir>/<output.name>/<algorithm>/`; the table goes to `<output.dir>/<output.name>/compare.md`
@@ -46,6 +47,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("--algorithms", default=",".join(algorithm_names()))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--algo-set", dest="algo_overrides", action="append", default=[], metavar="NAME:KEY=VALUE",
+                    help="an override for one algorithm only, e.g. fsl_sage:algorithm.align_every=2")
     args = ap.parse_args(argv)
     try:
         base = load_config(args.config, args.overrides)
@@ -59,8 +62,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     root = f"{base.output.dir.rstrip('/')}/{base.run_name()}"
     results = []
     for name in names:
+        own = [o.split(":", 1)[1] for o in args.algo_overrides if o.split(":", 1)[0] == name]
         cfg = load_config(args.config, args.overrides + [f"algorithm.name={name}", f"output.dir={root}",
-                                                         f"output.name={name}"])
+                                                         f"output.name={name}"] + own)
         print(f"== {name}", flush=True)
         algorithm_cls, data, shards, _ = prepare(cfg)
         if cfg.cluster.backend == "ray":

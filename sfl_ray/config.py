@@ -184,7 +184,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     # `--set algorithm.name=X` alone always works.
     algo = out.get("algorithm")
     if isinstance(algo, dict) and any(o.strip().startswith("algorithm.name=") for o in overrides):
-        set_keys = {o.split("=", 1)[0].strip().split(".", 1)[1] for o in overrides if o.strip().startswith("algorithm.")}
+        set_keys = {o.split("=", 1)[0].strip().split(".")[1] for o in overrides if o.strip().startswith("algorithm.")}
         out["algorithm"] = {k: v for k, v in algo.items() if k in set_keys}
     return out
 

@@ -52,3 +52,27 @@ def test_device_cost_is_measured(run_dir):
     assert row["device_peak_mem_bytes"] > 2 * params
     assert row["device_flops"] > 0 and row["server_flops"] > 0
     assert row["sim_s"] > 0
+
+
+def test_memory_tracker_counts_live_activations_and_releases_them():
+    import torch
+    import torch.nn as nn
+    from sfl_ray.metrics.device_cost import MemoryTracker
+
+    lin = nn.Linear(1000, 1000, bias=False)
+    tr = MemoryTracker()
+    tr.track_module(lin)
+    x = torch.randn(64, 1000)
+    with tr.watching(), torch.no_grad():
+        for _ in range(3):  # each output dies before the next: the peak is one output, not three
+            y = lin(x)
+            del y
+    assert tr.weights_bytes == 1000 * 1000 * 4
+    assert tr.live_peak == 64 * 1000 * 4
+    assert tr.live == 0 and tr.saved_count == 0
+    tr2 = MemoryTracker()
+    tr2.track_module(lin)
+    with tr2.watching():
+        lin(x).sum().backward()  # the grad (weight-sized) and the saved input are live
+    assert tr2.saved_count >= 1
+    assert tr2.live_peak >= 1000 * 1000 * 4

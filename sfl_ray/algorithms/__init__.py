@@ -15,6 +15,11 @@ _MODULES = {
     "sl": "sfl_ray.algorithms.sl:SplitLearning",
     "splitfed_v1": "sfl_ray.algorithms.splitfed_v1:SplitFedV1",
     "splitfed_v2": "sfl_ray.algorithms.splitfed_v2:SplitFedV2",
+    "sglr": "sfl_ray.algorithms.sglr:SGLR",
+    "cse_fsl": "sfl_ray.algorithms.cse_fsl:CSEFSL",
+    "heron_sfl": "sfl_ray.algorithms.heron_sfl:HeronSFL",
+    "fsl_sage": "sfl_ray.algorithms.fsl_sage:FSLSAGE",
+    "ampere": "sfl_ray.algorithms.ampere:Ampere",
 }
 _CACHE: dict = {}
 

@@ -35,7 +35,8 @@ def weighted_average(items: Sequence[tuple[Mapping[str, np.ndarray], float]]) ->
                 acc += (w / total) * state[key].astype(np.float64)
             out[key] = acc.astype(ref.dtype)
         else:
-            out[key] = np.max(np.stack([state[key] for state, _ in items]), axis=0)
+            # np.max of 0-d arrays gives a numpy scalar; keep an array (BatchNorm's num_batches_tracked)
+            out[key] = np.asarray(np.max(np.stack([state[key] for state, _ in items]), axis=0), dtype=ref.dtype)
     return out
 
 

@@ -29,7 +29,8 @@ class CSEFSLConfig(SplitConfigMixin):
     upload_every: int = Field(5, gt=0, description="h: one smashed-data upload per h local batches.")
     upload_phase: Literal["first", "last"] = Field(
         "first", description="Upload the first (FSL-SAGE re-implementation) or last (original code) batch of each chunk.")
-    aux: AuxConfig = Field(AuxConfig(), description="The auxiliary head on the device.")
+    aux: AuxConfig = Field(AuxConfig(kind="linear"), description="The auxiliary head on the device "
+                           "(linear: Flatten + Linear, as the original CSE-FSL code).")
     server_lr: float | None = Field(None, gt=0, description="Server learning rate; None = train.lr.")
 
 

@@ -6,6 +6,7 @@ puts into the Ray object store once, and what every pool reads zero-copy.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import tarfile
@@ -63,8 +64,11 @@ def _hf_split(ds: Any, image_col: str, label_col: str, key: str) -> tuple[np.nda
     for col in (image_col, label_col):
         if col not in ds.column_names:
             raise ConfigError(key, col, f"column not in the dataset; columns: {', '.join(ds.column_names)}")
-    if ds.features[image_col].__class__.__name__ in ("List", "Sequence", "Array2D", "Array3D"):
-        x = _images_to_uint8(ds.with_format("numpy")[image_col])
+    if ds.features[image_col].__class__.__name__ in ("List", "Sequence", "LargeList"):
+        # Pixels stored as lists: read the Arrow buffer in one go instead of row by row.
+        col = ds.with_format("arrow")[image_col]
+        col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
+        x = _images_to_uint8(col.flatten().to_numpy(zero_copy_only=False).astype(np.uint8).reshape(len(ds), -1))
     else:
         x = _images_to_uint8(ds[image_col])
     y = np.asarray(ds.with_format("numpy")[label_col], dtype=np.int64)
@@ -141,21 +145,8 @@ def _load_imagefolder(path: str, image_col: str, label_col: str) -> tuple[np.nda
 
 
 def load_source(cfg: Any) -> ArrayDataset:
-    """Load the data set named by a `DataConfig`."""
-    if cfg.name == "mnist":
-        tx, ty, vx, vy = _load_mnist(cfg.path)
-    elif cfg.name == "cifar10":
-        if cfg.path is None:
-            raise ConfigError("data.path", None, "cifar10 needs a tarball, an image folder, or a hub name (uoft-cs/cifar10)")
-        tx, ty, vx, vy = _load_imagefolder(cfg.path, "img", "label")
-    else:
-        if cfg.path is None:
-            raise ConfigError("data.path", None, "the hf source needs a hub name or a local folder")
-        p = Path(cfg.path)
-        if p.exists():
-            tx, ty, vx, vy = _load_imagefolder(cfg.path, cfg.image_column, cfg.label_column)
-        else:
-            tx, ty, vx, vy = _load_hf(cfg.path, image_col=cfg.image_column, label_col=cfg.label_column)
+    """Load the data set named by a `DataConfig` (raw arrays are cached per process)."""
+    tx, ty, vx, vy = _raw(cfg.name, cfg.path, cfg.image_column, cfg.label_column)
     if cfg.max_train_samples:
         tx, ty = tx[: cfg.max_train_samples], ty[: cfg.max_train_samples]
     if cfg.max_test_samples:
@@ -163,3 +154,18 @@ def load_source(cfg: Any) -> ArrayDataset:
     train_x, test_x = _normalise(tx, vx)
     num_classes = int(max(ty.max(), vy.max())) + 1
     return ArrayDataset(cfg.name, train_x, np.ascontiguousarray(ty), test_x, np.ascontiguousarray(vy), num_classes)
+
+
+@functools.lru_cache(maxsize=4)
+def _raw(name: str, path: Optional[str], image_column: str, label_column: str) -> tuple[np.ndarray, ...]:
+    if name == "mnist":
+        return _load_mnist(path)
+    if name == "cifar10":
+        if path is None:
+            raise ConfigError("data.path", None, "cifar10 needs a tarball, an image folder, or a hub name (uoft-cs/cifar10)")
+        return _load_imagefolder(path, "img", "label")
+    if path is None:
+        raise ConfigError("data.path", None, "the hf source needs a hub name or a local folder")
+    if Path(path).exists():
+        return _load_imagefolder(path, image_column, label_column)
+    return _load_hf(path, image_col=image_column, label_col=label_column)

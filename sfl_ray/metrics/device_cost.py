@@ -1,17 +1,23 @@
 """Measuring what a device program costs: FLOPs (torch.utils.flop_counter) and peak training memory.
 
-Peak memory = parameters + gradients + optimizer state (measured at each optimizer step)
-+ the peak of live tensors saved for backward (tracked with saved_tensors_hooks while the
-program runs). On a GPU, torch.cuda.max_memory_allocated is reported beside it.
+Peak memory = the device-resident weights and buffers + the peak of every other live tensor the
+program holds: activations (also under no_grad), tensors saved for backward, gradients,
+optimizer state, temporaries. Live tensors are tracked as they are created (a dispatch mode
+sees every op's outputs) and released (their last reference dies), by storage, so views and
+tensors saved twice count once. Tensors saved for backward are also counted through
+saved_tensors_hooks (the input batch reaches autograd without an op). On a GPU,
+torch.cuda.max_memory_allocated is reported beside it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import weakref
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -38,67 +44,43 @@ class MemoryTracker:
     def __init__(self) -> None:
         self.modules: list[nn.Module] = []
         self.optimizers: list[torch.optim.Optimizer] = []
-        self.static_peak = 0
-        self.saved_live = 0
-        self.saved_peak = 0
+        self.weights_bytes = 0
+        self.live = 0
+        self.live_peak = 0
         self.saved_count = 0
         self._refs: dict[int, list[int]] = {}  # storage ptr -> [refcount, bytes]
         self._param_ptrs: set[int] = set()
 
     def track_module(self, module: nn.Module) -> None:
+        """Declare a module resident on the device: its weights and buffers count as memory."""
         if all(m is not module for m in self.modules):
             self.modules.append(module)
-            self._param_ptrs |= {p.untyped_storage().data_ptr() for p in module.parameters()}
-            self._param_ptrs |= {b.untyped_storage().data_ptr() for b in module.buffers()}
-            self.measure_static()
+            for t in list(module.parameters()) + list(module.buffers()):
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in self._param_ptrs:
+                    self._param_ptrs.add(ptr)
+                    self.weights_bytes += t.untyped_storage().nbytes()
 
     def track_optimizer(self, opt: torch.optim.Optimizer) -> None:
         self.optimizers.append(opt)
-        opt.register_step_post_hook(lambda *_: self.measure_static())
 
-    def measure_static(self) -> None:
-        """Parameters, buffers, gradients and optimizer state that exist right now."""
-        seen: set[int] = set()
-        total = 0
-
-        def add(t: torch.Tensor | None) -> None:
-            nonlocal total
-            if isinstance(t, torch.Tensor) and t.numel() > 0:
-                ptr = t.untyped_storage().data_ptr()
-                if ptr not in seen:
-                    seen.add(ptr)
-                    total += _nbytes(t)
-
-        for m in self.modules:
-            for p in m.parameters():
-                add(p)
-                add(p.grad)
-            for b in m.buffers():
-                add(b)
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    add(p)
-                    add(p.grad)
-            for st in opt.state.values():
-                for v in st.values():
-                    add(v)
-        self.static_peak = max(self.static_peak, total)
-
-    # saved-tensor hooks
-    def _pack(self, t: torch.Tensor) -> _Saved:
-        self.saved_count += 1
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in self._param_ptrs or t.numel() == 0:
-            return _Saved(t, self, None)  # a weight saved for backward is counted as a weight
+    # -- live tensors ---------------------------------------------------------------------
+    def _acquire(self, t: torch.Tensor) -> Optional[int]:
+        """Count a tensor's storage as live; returns the key to release, or None if not counted."""
+        if t.device.type == "meta" or t.numel() == 0:
+            return None
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr in self._param_ptrs or ptr == 0:
+            return None  # weights are counted as weights
         ref = self._refs.get(ptr)
         if ref is None:
-            self._refs[ptr] = [1, t.untyped_storage().nbytes()]
-            self.saved_live += t.untyped_storage().nbytes()
-            self.saved_peak = max(self.saved_peak, self.saved_live)
+            self._refs[ptr] = [1, st.nbytes()]
+            self.live += st.nbytes()
+            self.live_peak = max(self.live_peak, self.live)
         else:
             ref[0] += 1
-        return _Saved(t, self, ptr)
+        return ptr
 
     def _release(self, ptr: int) -> None:
         ref = self._refs.get(ptr)
@@ -106,8 +88,18 @@ class MemoryTracker:
             return
         ref[0] -= 1
         if ref[0] == 0:
-            self.saved_live -= ref[1]
+            self.live -= ref[1]
             del self._refs[ptr]
+
+    def _watch(self, t: torch.Tensor) -> None:
+        key = self._acquire(t)
+        if key is not None:
+            weakref.finalize(t, self._release, key)
+
+    # saved-tensor hooks
+    def _pack(self, t: torch.Tensor) -> _Saved:
+        self.saved_count += 1
+        return _Saved(t, self, self._acquire(t))
 
     @staticmethod
     def _unpack(s: _Saved) -> torch.Tensor:
@@ -115,13 +107,27 @@ class MemoryTracker:
 
     @contextlib.contextmanager
     def watching(self) -> Iterator["MemoryTracker"]:
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+        with _LiveTensors(self), torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield self
 
     @property
     def peak_bytes(self) -> int:
-        self.measure_static()
-        return self.static_peak + self.saved_peak
+        return self.weights_bytes + self.live_peak
+
+
+class _LiveTensors(TorchDispatchMode):
+    """Sees every op's outputs, so the tracker knows each tensor the program creates."""
+
+    def __init__(self, tracker: MemoryTracker):
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.tracker._watch(t)
+        return out
 
 
 @contextlib.contextmanager

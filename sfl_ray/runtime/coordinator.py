@@ -145,11 +145,11 @@ class Coordinator:
         clients = self.sample(rnd) if final is None else []
         self.state = State.RUNNING_ROUND
         self._set(state=self.state.value, round=rnd, clients_done=0, clients_total=len(clients))
-        done = {"n": 0}
+        done: set[int] = set()
 
-        def on_done(_: ClientReply) -> None:
-            done["n"] += 1
-            self._set(clients_done=done["n"])
+        def on_done(reply: ClientReply) -> None:
+            done.add(reply.client)  # lock-step schedules reply many times per client and round
+            self._set(clients_done=len(done))
 
         t0 = time.perf_counter()
         rt = _Round(self.executor, rnd, on_done)

@@ -1,0 +1,241 @@
+"""SGLR (Pal et al., FL-AAAI-22 workshop, arXiv 2112.05929): parallel split learning with
+server-side learning-rate acceleration (SplitLr) and cut-layer gradient averaging (SplitAvg).
+
+Every client keeps its own device block for the whole run: no weights ever cross the link.
+The clients move in lock-step, one batch per iteration:
+  1. every client sends the activations and labels of its next batch (up);
+  2. the server takes ONE step on the concatenated batch, with lr = client lr x N^alpha
+     (N = clients in the round), and splits the cut-layer gradient into per-client slices;
+  3. a random ceil(phi x n) of the iteration's clients are "active": each of them receives the
+     element-wise mean of the active slices, every other client its own slice (down);
+  4. every client backpropagates what it received and steps its own optimizer.
+Per client per batch: activations + labels up, one slice-shaped gradient down. SplitAvg is on
+only during the initial (or final) `averaging_fraction_of_training` of the run, as the
+official code's `comm_flag` does; outside it every client gets its own slice (PSL + SplitLr).
+
+Where the paper is silent or the system differs, this file chooses:
+- Unequal shards: a round runs, per local epoch, max_i K_i iterations (K_i = client i's
+  batches); a client whose epoch is done sits the remaining iterations out, so every sample is
+  used once per epoch as in the other algorithms. The server lr stays client lr x N^alpha.
+- Ragged batches: averaging pairs sample j of one client with sample j of another, so only
+  active clients with a full `train.batch_size` batch are averaged; an active client with a
+  short last batch gets its own slice.
+- The mean is sample-weighted by shard size (delta_i = n_i/n) when `weighted`, else plain.
+- Bytes are counted where a device receives them: a broadcast to k active clients is k
+  downloads. The row's `server_gradient_send_bytes` counts the mean once per iteration
+  instead (the server's side of a multicast, the paper's Table 6 accounting).
+- The phase is a fraction of `total_rounds` (an algorithm does not see `stop.rounds`; keep
+  them equal). A round is one pass over each client's data, the paper's epoch.
+- Evaluation needs one device block (the paper does not say which): the device block of the
+  round's first (lowest-id) client, or the mean of the round's clients' blocks. Fetching it is
+  evaluation bookkeeping, returned as telemetry and not counted: training moves no weights.
+- Every client starts from the same initial device block (the shared seed plays the
+  broadcast); client optimizers persist across rounds, like the server's.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from sfl_ray.algorithms.common import SplitConfigMixin, weighted_average
+from sfl_ray.models.split import ModelParts
+from sfl_ray.runtime.protocol import (Algorithm, Blueprint, ClientContext, RoundRuntime, RoundSummary,
+                                      ServerContext, ServerProgram)
+from sfl_ray.runtime.wire import module_weights, to_numpy, to_tensor
+from sfl_ray.seeding import np_rng
+
+log = logging.getLogger("sfl_ray.sglr")
+
+
+class SGLRConfig(SplitConfigMixin):
+    name: Literal["sglr"] = Field("sglr", description="SGLR: parallel split learning with SplitLr and SplitAvg.")
+    alpha: float = Field(0.5, ge=0, description="SplitLr power: server lr = client lr x N^alpha (0 = no SplitLr).")
+    phi: float = Field(0.5, ge=0, le=1, description="Fraction of clients whose cut gradients are averaged "
+                       "(resampled every iteration); 0 = no SplitAvg.")
+    averaging_fraction_of_training: float = Field(
+        0.6, ge=0, le=1, description="Share of total_rounds during which SplitAvg is on (1 = always, 0 = never).")
+    averaging_phase: Literal["initial", "final"] = Field(
+        "initial", description="Whether the averaged rounds are the first or the last ones.")
+    total_rounds: int = Field(10, gt=0, description="Training length in rounds that the averaging fraction "
+                              "refers to; set it to stop.rounds.")
+    loss_reduction: Literal["mean_over_concat", "mean_per_client"] = Field(
+        "mean_over_concat", description="mean_over_concat: one mean loss over the concatenated batch (official "
+        "code; each slice is 1/N of a client's own mean-loss gradient); mean_per_client: each slice is the "
+        "gradient of that client's own mean loss (the server's step is the same for equal batches).")
+    eval_model: Literal["client0", "mean"] = Field(
+        "client0", description="Device block evaluated: the round's first (lowest-id) client's, or the "
+        "mean of the round's clients' blocks (sample-weighted if `weighted`).")
+
+
+class SGLRServer(ServerProgram):
+    """One server block stepped once per iteration on the clients' concatenated batches."""
+
+    def __init__(self, ctx: ServerContext):
+        super().__init__(ctx)
+        self.model = ctx.build_parts().server
+        self.opt: torch.optim.Optimizer | None = None
+
+    def step(self, batches: dict[int, dict], lr: float) -> tuple[dict[int, np.ndarray], float, int]:
+        """One step on the concatenation of `batches` (client -> activations, labels); returns
+        each client's slice of the cut gradient and the summed per-sample loss and its count."""
+        if self.opt is None:
+            self.opt = self.ctx.optimizer([self.model], lr=lr)
+        for group in self.opt.param_groups:  # N, hence the lr, may change between rounds
+            group["lr"] = lr
+        ids = list(batches)
+        dev = self.ctx.device
+        sizes = [len(batches[c]["labels"]) for c in ids]
+        z = torch.cat([to_tensor(batches[c]["activations"], dev) for c in ids]).requires_grad_(True)
+        y = torch.cat([to_tensor(batches[c]["labels"], dev) for c in ids])
+        self.model.train()
+        per_sample = F.cross_entropy(self.model(z), y, reduction="none")
+        if self.ctx.config.loss_reduction == "mean_over_concat":
+            loss = per_sample.mean()
+        else:
+            loss = sum(p.mean() for p in per_sample.split(sizes)) / len(ids)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        grad = z.grad if self.ctx.config.loss_reduction == "mean_over_concat" else z.grad * len(ids)
+        slices = {c: to_numpy(g) for c, g in zip(ids, grad.split(sizes))}
+        return slices, float(per_sample.detach().sum()), int(len(y))
+
+    def get_weights(self) -> dict:
+        return module_weights(self.model)
+
+
+class SGLR(Algorithm):
+    name = "sglr"
+    config_cls = SGLRConfig
+    server_cls = SGLRServer
+
+    def __init__(self, blueprint: Blueprint):
+        super().__init__(blueprint)
+        self._warned = False
+
+    def init_global(self, parts: ModelParts) -> None:
+        self.global_device = module_weights(parts.device)  # the block evaluated (see eval_model)
+
+    # -- schedule side ------------------------------------------------------------------
+    def run_round(self, rt: RoundRuntime, rnd: int, clients: list[int]) -> RoundSummary:
+        cfg = self.config
+        server_lr = self.train.lr * len(clients) ** cfg.alpha  # SplitLr
+        averaging = self.averaging_in(rnd)
+        plan = {r.client: r.info for r in rt.clients(clients, {}, program="sglr_begin")}
+        batches = {c: plan[c]["batches_per_epoch"] for c in clients}
+        weight = {c: float(plan[c]["num_samples"]) if cfg.weighted else 1.0 for c in clients}
+        loss_sum, count, iterations, server_sent = 0.0, 0, 0, 0
+        for epoch in range(self.train.local_epochs):
+            for k in range(max(batches.values())):
+                ids = [c for c in clients if batches[c] > k]  # clients whose epoch is done sit out
+                ups = rt.clients(ids, {}, program="sglr_forward")
+                grads, lsum, n = rt.server("step", {r.client: r.up for r in ups}, server_lr)
+                active = self.active_clients(rnd, epoch, k, ids) if averaging else []
+                down, sent = self.route(grads, active, weight)
+                rt.clients(ids, {}, program="sglr_backward", per_client=down)
+                loss_sum, count = loss_sum + lsum, count + n
+                iterations, server_sent = iterations + 1, server_sent + sent
+        self.global_device = self.eval_device(rt, clients)
+        return RoundSummary(train_loss=loss_sum / count, phase="splitavg" if averaging else "own_gradients",
+                            extra={"server_lr": server_lr, "iterations": iterations,
+                                   "server_gradient_send_bytes": server_sent})
+
+    def averaging_in(self, rnd: int) -> bool:
+        """Whether round `rnd` (from 1) lies in the SplitAvg phase."""
+        cfg = self.config
+        if rnd > cfg.total_rounds and not self._warned:
+            self._warned = True
+            log.warning("round %d > algorithm.total_rounds=%d: set total_rounds to stop.rounds", rnd, cfg.total_rounds)
+        if cfg.averaging_fraction_of_training >= 1.0:
+            return True
+        # The official code averages while epoch < comm_flag x epochs: ceil(f x T) rounds.
+        n = math.ceil(cfg.averaging_fraction_of_training * cfg.total_rounds - 1e-9)
+        return rnd <= n if cfg.averaging_phase == "initial" else rnd > cfg.total_rounds - n
+
+    def active_clients(self, rnd: int, epoch: int, k: int, ids: list[int]) -> list[int]:
+        """ceil(phi x n) of this iteration's clients, drawn afresh every iteration."""
+        m = math.ceil(self.config.phi * len(ids) - 1e-9)
+        pick = np_rng(self.blueprint.seed, "sglr_active", rnd, epoch, k).choice(len(ids), m, replace=False)
+        return sorted(ids[i] for i in pick)
+
+    def route(self, grads: dict[int, np.ndarray], active: list[int], weight: dict[int, float]
+              ) -> tuple[dict[int, dict], int]:
+        """What each client receives: the mean slice if averaged, else its own; and the bytes the
+        server sends when the mean goes out once (multicast)."""
+        out = {c: {"gradients": g} for c, g in grads.items()}
+        # Only full batches align sample by sample; a short last batch keeps its own slice.
+        group = [c for c in active if len(grads[c]) == self.train.batch_size]
+        if group:
+            total = sum(weight[c] for c in group)
+            acc = sum((weight[c] / total) * grads[c].astype(np.float64) for c in group)
+            mean = acc.astype(grads[group[0]].dtype)
+            for c in group:
+                out[c] = {"gradients": mean}
+        own = sum(g.nbytes for c, g in grads.items() if c not in group)
+        return out, own + (out[group[0]]["gradients"].nbytes if group else 0)
+
+    def eval_device(self, rt: RoundRuntime, clients: list[int]) -> dict:
+        ids = clients if self.config.eval_model == "mean" else clients[:1]
+        reps = rt.clients(ids, {}, program="sglr_weights")
+        if len(reps) == 1:
+            return reps[0].info["weights"]
+        w = self.config.weighted
+        return weighted_average([(r.info["weights"], float(r.info["num_samples"]) if w else 1.0) for r in reps])
+
+    def eval_weights(self, rt: RoundRuntime) -> tuple[dict, dict]:
+        return self.global_device, rt.server("get_weights")
+
+    # -- client side (one call per phase of an iteration) ----------------------------------
+    def client_program(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:
+        raise NotImplementedError("SGLR runs in lock-step: sglr_begin, then sglr_forward/sglr_backward per batch")
+
+    def sglr_begin(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:
+        """Start a round: this client's batches for every local epoch; nothing is sent."""
+        st = ctx.state
+        if "model" not in st:
+            # The pool's block is the blueprint's initial one, identical on every client.
+            st["model"] = copy.deepcopy(ctx.parts.device)
+        st["batches"] = itertools.chain.from_iterable(ctx.batches(e) for e in range(ctx.train.local_epochs))
+        st["left"] = ctx.num_batches() * ctx.train.local_epochs
+        return {}, {"batches_per_epoch": ctx.num_batches(), "num_samples": ctx.num_samples}
+
+    def sglr_forward(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:
+        """Activations of the next batch up; the graph waits in the client's state."""
+        st = ctx.state
+        model = st["model"]
+        ctx.on_device(model)
+        model.train()
+        x, y = next(st["batches"])
+        z = model(x)
+        st["pending"] = z
+        return {"activations": z, "labels": y}, {}
+
+    def sglr_backward(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:
+        """Backpropagate the received cut gradient through this client's block and step."""
+        st = ctx.state
+        z = st.pop("pending")
+        # A fresh optimizer (so its memory is measured) carrying the persistent state.
+        opt = ctx.optimizer([st["model"]])
+        if "opt" in st:
+            opt.load_state_dict(st["opt"])
+        opt.zero_grad()
+        z.backward(to_tensor(down["gradients"], z.device))
+        opt.step()
+        st["opt"] = opt.state_dict()
+        st["left"] -= 1
+        if st["left"] == 0:
+            del st["batches"]
+        return {}, {}
+
+    def sglr_weights(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:
+        """This client's device block for evaluation (telemetry: not training traffic)."""
+        return {}, {"weights": module_weights(ctx.state["model"]), "num_samples": ctx.num_samples}
