@@ -85,6 +85,8 @@ class ClusterConfig(Section):
     server_gpus: float = Field(0.0, ge=0, description="GPUs per server block actor (whole GPUs).")
     torch_threads: int = Field(1, gt=0, description="torch intra-op threads in every process (same on both backends).")
     task_timeout_s: float = Field(1800.0, gt=0, description="Deadline for any single wait on a remote call.")
+    storage_path: Optional[str] = Field(None, description="Ray Train storage (checkpoints of server fits); "
+                                        "None = a temp folder (single node); on a multi-node cluster a shared path or URI.")
 
     @model_validator(mode="after")
     def _whole_server_gpus(self) -> "ClusterConfig":

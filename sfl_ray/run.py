@@ -38,10 +38,14 @@ def prepare(cfg):
     from sfl_ray.models.split import build_parts
 
     algorithm_cls = get_algorithm(cfg.algorithm.name)
-    if algorithm_cls.max_servers is not None and cfg.cluster.num_servers > algorithm_cls.max_servers:
+    if (algorithm_cls.wants_server_blocks(cfg.algorithm) and algorithm_cls.max_servers is not None
+            and cfg.cluster.num_servers > algorithm_cls.max_servers):
         from sfl_ray.config_base import ConfigError
         raise ConfigError("cluster.num_servers", cfg.cluster.num_servers,
                           f"{cfg.algorithm.name} trains one server model: at most {algorithm_cls.max_servers}")
+    if getattr(cfg.algorithm, "server_trainer", "actor") == "ray_train" and cfg.cluster.backend != "ray":
+        from sfl_ray.config_base import ConfigError
+        raise ConfigError("algorithm.server_trainer", "ray_train", "needs cluster.backend=ray (or use 'actor')")
     data = load_source(cfg.data)
     shards = partition(data.train_y, cfg.partition, cfg.train.num_clients, cfg.seed)
     if min(len(s) for s in shards) == 0:

@@ -77,3 +77,26 @@ def test_a_request_the_cluster_cannot_hold_is_refused_before_any_actor(ray_clust
         plan_topology(ClusterConfig(num_servers=3, server_gpus=1), num_clients=8, needs_server=True)
     assert plan_topology(ClusterConfig(client_gpus=0.25, server_gpus=1, pool_cpus=0.5, server_cpus=1),
                          num_clients=8, needs_server=True) == (4, 1)
+
+
+def test_ampere_server_phase_on_ray_train_matches_the_actor_phase_on_the_link(ray_cluster, run_dir):
+    """Ampere's server phase as a Ray Train TorchTrainer (DDP over 2 workers, Ray Data input):
+    the same bytes cross the link as with the server actor, and the server block learns."""
+    rows = {}
+    for trainer in ("actor", "ray_train"):
+        cfg = small_config(run_dir, "algorithm.name=ampere", f"algorithm.server_trainer={trainer}",
+                           "algorithm.server_epochs=3", "stop.rounds=1", "cluster.backend=ray",
+                           "cluster.num_pools=1", "cluster.pool_cpus=0.5", "cluster.num_servers=2",
+                           "cluster.server_cpus=0.5", f"output.name=ampere-{trainer}", "algorithm.server_lr=0.1",
+                           *(["cluster.num_servers=1"] if trainer == "actor" else []))
+        algorithm_cls, data, shards, _ = prepare(cfg)
+        run_experiment(algorithm_cls, cfg, data, shards)
+        rows[trainer] = _rows(cfg)
+    a, r = rows["actor"], rows["ray_train"]
+    assert [x["phase"] for x in r] == ["device", "transfer", "server", "server", "server"]
+    assert [x["bytes_by_kind"] for x in r] == [x["bytes_by_kind"] for x in a]
+    losses = [x["train_loss"] for x in r[2:]]
+    assert losses[-1] < losses[0]
+    assert all(x["server_flops"] > 0 for x in r[2:])
+    assert r[-1]["eval_accuracy"] > 0.3
+    assert r[2]["server_batch_devices_mean"] > 2  # batches mix devices on the Ray Data path too

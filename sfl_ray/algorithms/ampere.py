@@ -16,7 +16,6 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from sfl_ray.algorithms.common import SplitConfigMixin, fedavg_replies
@@ -24,6 +23,7 @@ from sfl_ray.algorithms.cse_fsl import AuxHeadMixin, local_loss_program
 from sfl_ray.models.aux import AuxConfig
 from sfl_ray.models.split import ModelParts
 from sfl_ray.runtime.protocol import Algorithm, ClientContext, RoundRuntime, RoundSummary, ServerProgram
+from sfl_ray.runtime.server_fit import ServerFit, train_epoch
 from sfl_ray.runtime.wire import load_weights, module_weights, to_tensor
 from sfl_ray.seeding import np_rng
 
@@ -36,18 +36,23 @@ class AmpereConfig(SplitConfigMixin):
     server_lr: Optional[float] = Field(None, gt=0, description="Server learning rate; None = train.lr.")
     shuffle_across_devices: bool = Field(True, description="Shuffle the consolidated set across devices "
                                          "(False: device by device, as SFL sees it; for ablations).")
-    server_trainer: Literal["actor"] = Field("actor", description="Where the server phase runs: the server "
-                                             "block actor. (A Ray Train variant is planned.)")
+    server_trainer: Literal["actor", "ray_train"] = Field(
+        "actor", description="Where the server phase runs: the server block actor, or a Ray Train TorchTrainer "
+        "fed by a Ray Data dataset, data-parallel over cluster.num_servers workers (ray backend only).")
+
+
+def epoch_order(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
+    """Sample order of one server epoch: shuffled across devices, or device by device."""
+    return np_rng(seed, "ampere_server", epoch).permutation(n) if shuffle else np.arange(n)
 
 
 class ConsolidatedServer(ServerProgram):
-    """Trains the server block on the pooled activations of all devices."""
+    """Trains the server block on the pooled activations of all devices (server_trainer: actor)."""
 
     def __init__(self, ctx):
         super().__init__(ctx)
         self.model = ctx.build_parts().server
         self.opt = ctx.optimizer([self.model], lr=ctx.config.server_lr)
-        self.z: Optional[torch.Tensor] = None
 
     def set_dataset(self, z: np.ndarray, y: np.ndarray, owner: np.ndarray) -> int:
         self.z, self.y, self.owner = to_tensor(np.array(z)), to_tensor(np.array(y)), np.asarray(owner)
@@ -56,19 +61,11 @@ class ConsolidatedServer(ServerProgram):
     def train_epoch(self, epoch: int) -> dict:
         cfg, n = self.ctx.config, len(self.y)
         bs = cfg.server_batch_size or self.ctx.train.batch_size
-        order = (np_rng(self.ctx.blueprint.seed, "ampere_server", epoch).permutation(n)
-                 if cfg.shuffle_across_devices else np.arange(n))
-        self.model.train()
-        loss_sum, mix = 0.0, []
-        for i in range(0, n, bs):
-            b = order[i: i + bs]
-            loss = F.cross_entropy(self.model(self.z[b]), self.y[b])
-            self.opt.zero_grad()
-            loss.backward()
-            self.opt.step()
-            loss_sum += float(loss.detach()) * len(b)
-            mix.append(len(np.unique(self.owner[b])))
-        return {"train_loss": loss_sum / n, "server_batch_devices_mean": float(np.mean(mix))}
+        order = epoch_order(self.ctx.blueprint.seed, epoch, n, cfg.shuffle_across_devices)
+        batches = ((self.z[b], self.y[b], self.owner[b]) for b in (order[i: i + bs] for i in range(0, n, bs)))
+        s = train_epoch(self.model, self.opt, batches)
+        return {"train_loss": s["loss_sum"] / s["count"],
+                "server_batch_devices_mean": s["devices_per_batch_sum"] / s["batches"]}
 
     def get_weights(self) -> dict:
         return module_weights(self.model)
@@ -79,7 +76,12 @@ class Ampere(AuxHeadMixin, Algorithm):
     config_cls = AmpereConfig
     server_cls = ConsolidatedServer
 
+    @classmethod
+    def wants_server_blocks(cls, config) -> bool:
+        return config.server_trainer == "actor"  # Ray Train brings its own workers
+
     def init_global(self, parts: ModelParts) -> None:
+        self.global_server = module_weights(parts.server)
         self.global_device = module_weights(parts.device)
         self.global_aux = module_weights(self.aux_module(parts.act_shape))
         self.global_phase = "device"
@@ -116,13 +118,30 @@ class Ampere(AuxHeadMixin, Algorithm):
             z = np.concatenate([r.up["activations"] for r in replies])
             y = np.concatenate([r.up["labels"] for r in replies])
             owner = np.concatenate([np.full(len(r.up["labels"]), r.client) for r in replies])
-            n = rt.server("set_dataset", z, y, owner)
-            self.global_phase = "server"
-            return RoundSummary(phase="transfer", extra={"consolidated_samples": n})
-        stats = rt.server("train_epoch", index - 1)
-        return RoundSummary(train_loss=stats.pop("train_loss"), phase="server", extra=stats)
+            if self.config.server_trainer == "actor":
+                rt.server("set_dataset", z, y, owner)
+            else:
+                self._consolidated = (z, y, owner)
+            return RoundSummary(phase="transfer", extra={"consolidated_samples": len(y)})
+        self.global_phase = "server"
+        if self.config.server_trainer == "actor":
+            stats = rt.server("train_epoch", index - 1)
+            return RoundSummary(train_loss=stats.pop("train_loss"), phase="server", extra=stats)
+        if index == 1:  # one Ray Train run covers every epoch; each reports its own row
+            z, y, owner = self._consolidated
+            cfg = self.config
+            self._fit = rt.fit_server(ServerFit(
+                z=z, y=y, owner=owner, init_weights=self.global_server, epochs=cfg.server_epochs,
+                batch_size=cfg.server_batch_size or self.train.batch_size, lr=cfg.server_lr,
+                shuffle=cfg.shuffle_across_devices, seed=self.blueprint.seed))
+        epoch = self._fit[index - 1]
+        self._fit_weights = epoch["weights"]
+        return RoundSummary(train_loss=epoch["loss"], phase="server", server_flops=epoch["flops"],
+                            extra={"server_batch_devices_mean": epoch["server_batch_devices_mean"]})
 
     def eval_weights(self, rt: RoundRuntime):
         if self.global_phase != "server":
             return None  # the server block is untrained until phase 3
+        if self.config.server_trainer == "ray_train":
+            return self.global_device, self._fit_weights
         return self.global_device, rt.server("get_weights")

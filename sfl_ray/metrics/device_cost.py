@@ -13,29 +13,16 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import flop_registry
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-class _Saved:
-    """Holds one tensor saved for backward; its release is when autograd drops it."""
-
-    __slots__ = ("tensor", "tracker", "key")
-
-    def __init__(self, tensor: torch.Tensor, tracker: "MemoryTracker", key: int | None):
-        self.tensor, self.tracker, self.key = tensor, tracker, key
-
-    def __del__(self) -> None:
-        if self.key is not None:
-            self.tracker._release(self.key)
 
 
 class MemoryTracker:
@@ -48,7 +35,7 @@ class MemoryTracker:
         self.live = 0
         self.live_peak = 0
         self.saved_count = 0
-        self._refs: dict[int, list[int]] = {}  # storage ptr -> [refcount, bytes]
+        self._refs: dict[int, int] = {}  # live storage ptr -> bytes
         self._param_ptrs: set[int] = set()
 
     def track_module(self, module: nn.Module) -> None:
@@ -65,49 +52,45 @@ class MemoryTracker:
         self.optimizers.append(opt)
 
     # -- live tensors ---------------------------------------------------------------------
-    def _acquire(self, t: torch.Tensor) -> Optional[int]:
-        """Count a tensor's storage as live; returns the key to release, or None if not counted."""
+    def _watch(self, t: torch.Tensor) -> None:
+        """Count a tensor's storage as live until the storage itself is freed (PyTorch keeps one
+        Python object per storage, so a finalizer on it fires exactly then, even when autograd
+        holds the storage after every Python tensor is gone)."""
         if t.device.type == "meta" or t.numel() == 0:
-            return None
+            return
         st = t.untyped_storage()
         ptr = st.data_ptr()
-        if ptr in self._param_ptrs or ptr == 0:
-            return None  # weights are counted as weights
-        ref = self._refs.get(ptr)
-        if ref is None:
-            self._refs[ptr] = [1, st.nbytes()]
-            self.live += st.nbytes()
-            self.live_peak = max(self.live_peak, self.live)
-        else:
-            ref[0] += 1
-        return ptr
+        if ptr == 0 or ptr in self._param_ptrs or ptr in self._refs:
+            return  # weights are counted as weights; views and re-saves count once
+        n = st.nbytes()
+        self._refs[ptr] = n
+        self.live += n
+        self.live_peak = max(self.live_peak, self.live)
+        weakref.finalize(st, self._release, ptr)
 
     def _release(self, ptr: int) -> None:
-        ref = self._refs.get(ptr)
-        if ref is None:
-            return
-        ref[0] -= 1
-        if ref[0] == 0:
-            self.live -= ref[1]
-            del self._refs[ptr]
+        self.live -= self._refs.pop(ptr, 0)
 
-    def _watch(self, t: torch.Tensor) -> None:
-        key = self._acquire(t)
-        if key is not None:
-            weakref.finalize(t, self._release, key)
-
-    # saved-tensor hooks
-    def _pack(self, t: torch.Tensor) -> _Saved:
+    # saved-tensor hooks: count what autograd saves (the input batch reaches it without an op)
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
         self.saved_count += 1
-        return _Saved(t, self, self._acquire(t))
+        self._watch(t)
+        # An alias, not the tensor: holding a saved output itself would make a reference cycle
+        # (output -> grad_fn -> saved output) that only the garbage collector could free.
+        return t.detach()
 
     @staticmethod
-    def _unpack(s: _Saved) -> torch.Tensor:
-        return s.tensor
+    def _unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def saving(self):
+        """Count what autograd saves for backward while inside."""
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     @contextlib.contextmanager
     def watching(self) -> Iterator["MemoryTracker"]:
-        with _LiveTensors(self), torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+        """Track live tensors and saved tensors of the code inside (without counting FLOPs)."""
+        with FlopCounter(on_output=self._watch), self.saving():
             yield self
 
     @property
@@ -115,18 +98,27 @@ class MemoryTracker:
         return self.weights_bytes + self.live_peak
 
 
-class _LiveTensors(TorchDispatchMode):
-    """Sees every op's outputs, so the tracker knows each tensor the program creates."""
+class FlopCounter(TorchDispatchMode):
+    """FLOPs with torch.utils.flop_counter's own formulas (forward and backward ops alike), but
+    without FlopCounterMode's module tracker: its hooks on every module output make reference
+    cycles (so tensors outlive their use until the garbage collector runs) and break
+    autograd.grad on leaf inputs. Optionally reports every op output (for memory tracking)."""
 
-    def __init__(self, tracker: MemoryTracker):
+    def __init__(self, on_output: Optional[Callable[[torch.Tensor], None]] = None):
         super().__init__()
-        self.tracker = tracker
+        self.flops = 0
+        self.on_output = on_output
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, torch.Tensor):
-                self.tracker._watch(t)
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += int(formula(*args, **kwargs, out_val=out))
+        if self.on_output is not None:
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    self.on_output(t)
         return out
 
 
@@ -137,10 +129,10 @@ def measure_device(tracker: MemoryTracker, device: torch.device) -> Iterator[dic
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    counter = FlopCounterMode(display=False)
-    with counter, tracker.watching():
+    counter = FlopCounter(on_output=tracker._watch)
+    with counter, tracker.saving():
         yield result
-    result["flops"] = int(counter.get_total_flops())
+    result["flops"] = counter.flops
     result["peak_mem_bytes"] = int(tracker.peak_bytes)
     result["saved_tensors"] = tracker.saved_count
     result["cuda_peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(device)) if cuda else 0
@@ -162,7 +154,7 @@ def _identity(t):
 
 def count_flops(fn, *args, **kwargs) -> tuple[object, int]:
     """Run fn and return (result, FLOPs)."""
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounter()
     with counter:
         out = fn(*args, **kwargs)
-    return out, int(counter.get_total_flops())
+    return out, counter.flops

@@ -13,7 +13,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 from pydantic import Field
-from torch.utils.flop_counter import FlopCounterMode
+from sfl_ray.metrics.device_cost import FlopCounter
 
 from sfl_ray.config_base import ConfigError, Section
 from sfl_ray.seeding import seeded_torch
@@ -42,10 +42,10 @@ def _head(kind: str, act_shape: tuple[int, ...], num_classes: int, width: int) -
 
 def head_cost(head: nn.Module, act_shape: tuple[int, ...]) -> tuple[int, int]:
     """(parameters, forward FLOPs per sample) of a head, measured."""
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounter()
     with counter, torch.no_grad():
         head(torch.zeros((1, *act_shape)))
-    return sum(p.numel() for p in head.parameters()), int(counter.get_total_flops())
+    return sum(p.numel() for p in head.parameters()), counter.flops
 
 
 def build_aux(cfg: AuxConfig, act_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Sequential:

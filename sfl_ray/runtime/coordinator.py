@@ -53,6 +53,8 @@ class Executor(Protocol):
 
     def pop_server_flops(self) -> int: ...
 
+    def fit_server(self, request: Any) -> list[dict]: ...
+
 
 class _Round(RoundRuntime):
     """The RoundRuntime handed to a schedule: records every reply and dispatch group."""
@@ -74,6 +76,9 @@ class _Round(RoundRuntime):
 
     def server(self, method, *args, index=0):
         return self.executor.server_control(index, method, *args)
+
+    def fit_server(self, request):
+        return self.executor.fit_server(request)
 
     @property
     def replies(self) -> list[ClientReply]:
@@ -157,7 +162,7 @@ class Coordinator:
             summary = self.algorithm.run_round(rt, rnd, clients)
         else:
             summary = self.algorithm.run_final(rt, rnd, final)
-        server_flops = self.executor.pop_server_flops()
+        server_flops = self.executor.pop_server_flops() + summary.server_flops
         row = self._account(rnd, rt, summary, server_flops, clients)
         weights = self.algorithm.eval_weights(rt) if self._due_eval(rnd, row) or final is not None else None
         self.executor.pop_server_flops()  # fetching weights is not training work

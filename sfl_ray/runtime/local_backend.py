@@ -19,7 +19,14 @@ class LocalEndpoint:
         self.server = server
 
     def call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
-        return self.server.call(method, client, arrays, info)
+        # Copy both ways, as serialisation does on the Ray backend: the server must never hold
+        # the device's own storage (that would change what the device's memory tracker sees).
+        reply, reply_info = self.server.call(method, client, _copy(arrays), info)
+        return _copy(reply), reply_info
+
+
+def _copy(payload: dict) -> dict:
+    return {k: (_copy(v) if isinstance(v, dict) else v.copy()) for k, v in payload.items()}
 
 
 class LocalExecutor:
@@ -27,7 +34,7 @@ class LocalExecutor:
 
     def __init__(self, algorithm_cls, blueprint, train_x, train_y, shards, num_servers: int):
         self.servers = ([ServerBlock(algorithm_cls, blueprint, i) for i in range(num_servers)]
-                        if algorithm_cls.server_cls is not None else [])
+                        if algorithm_cls.wants_server_blocks(blueprint.algorithm) else [])
         self.num_servers = len(self.servers)
         self.pool = ClientPool(algorithm_cls, blueprint, train_x, train_y, dict(enumerate(shards)),
                                [LocalEndpoint(s) for s in self.servers])
@@ -49,3 +56,6 @@ class LocalExecutor:
 
     def pop_server_flops(self) -> int:
         return sum(s.pop_flops() for s in self.servers)
+
+    def fit_server(self, request: Any) -> list[dict]:
+        raise RuntimeError("the server training service (Ray Train) needs cluster.backend=ray")

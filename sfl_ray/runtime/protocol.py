@@ -144,6 +144,7 @@ class RoundSummary:
 
     train_loss: float = float("nan")
     phase: Optional[str] = None
+    server_flops: int = 0  # server work done outside the server blocks (e.g. by Ray Train workers)
     extra: dict = field(default_factory=dict)
 
 
@@ -169,6 +170,11 @@ class RoundRuntime(abc.ABC):
         """Call a server program method on every server block."""
         return [self.server(method, *args, index=i) for i in range(self.num_servers)]
 
+    def fit_server(self, request: Any) -> list[dict]:
+        """Train a server block on a consolidated activation set (a `ServerFit`) with the
+        runtime's training service (Ray Train); returns per-epoch stats and weights."""
+        raise NotImplementedError("this runtime offers no server training service")
+
 
 class Algorithm(abc.ABC):
     """Base of every algorithm. Subclasses set `name`, `config_cls`, `server_cls` and
@@ -185,9 +191,10 @@ class Algorithm(abc.ABC):
         self.config = blueprint.algorithm
         self.train = blueprint.train
 
-    @property
-    def needs_server(self) -> bool:
-        return self.server_cls is not None
+    @classmethod
+    def wants_server_blocks(cls, config: Any) -> bool:
+        """Whether this run needs server block actors (Ampere with Ray Train does not)."""
+        return cls.server_cls is not None
 
     # -- schedule side (coordinator) ---------------------------------------------------
     @abc.abstractmethod

@@ -34,8 +34,9 @@ class RayEndpoint:
 class RayExecutor:
     """Dispatches client programs to pool actors and control calls to server actors."""
 
-    def __init__(self, pools: list, servers: list, timeout_s: float):
+    def __init__(self, pools: list, servers: list, timeout_s: float, blueprint=None, cluster=None):
         self.pools, self.servers, self.timeout_s = pools, servers, timeout_s
+        self.blueprint, self.cluster = blueprint, cluster
         self.num_servers = len(servers)
 
     def _pool(self, client: int) -> Any:
@@ -76,6 +77,13 @@ class RayExecutor:
 
     def pop_server_flops(self) -> int:
         return sum(ray.get([s.pop_flops.remote() for s in self.servers], timeout=self.timeout_s))
+
+    def fit_server(self, request: Any) -> list[dict]:
+        import tempfile
+
+        from sfl_ray.runtime.ray_train_fit import fit_with_ray_train
+        storage = self.cluster.storage_path or tempfile.mkdtemp(prefix="sfl_ray_train_")
+        return fit_with_ray_train(self.blueprint, request, self.cluster, storage)
 
     def placement(self) -> dict:
         """Where each actor runs: node id, GPU ids, device (for checks and the dashboard)."""
@@ -119,7 +127,7 @@ def plan_topology(cluster, num_clients: int, needs_server: bool) -> tuple[int, i
 
 def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) -> RayExecutor:
     """Create server block and client pool actors and wait until each is alive."""
-    pools_n, servers_n = plan_topology(cluster, len(shards), algorithm_cls.server_cls is not None)
+    pools_n, servers_n = plan_topology(cluster, len(shards), algorithm_cls.wants_server_blocks(blueprint.algorithm))
     server_actor = ray.remote(ServerBlock)
     servers = [server_actor.options(num_cpus=cluster.server_cpus, num_gpus=cluster.server_gpus,
                                     name=None).remote(algorithm_cls, blueprint, i, cluster.server_gpus > 0)
@@ -138,4 +146,4 @@ def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) ->
         raise TimeoutError(f"{pools_n} pool(s) and {servers_n} server block(s) were not all scheduled within "
                            f"{cluster.task_timeout_s}s; cluster resources: {ray.cluster_resources()}") from None
     log.info("started %d client pool(s) and %d server block(s)", pools_n, servers_n)
-    return RayExecutor(pools, servers, cluster.task_timeout_s)
+    return RayExecutor(pools, servers, cluster.task_timeout_s, blueprint, cluster)

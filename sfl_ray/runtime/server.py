@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from sfl_ray.metrics.device_cost import FlopCounter
 
 from sfl_ray.runtime.pool import where_am_i
 from sfl_ray.runtime.protocol import Algorithm, Blueprint, ServerContext
@@ -36,10 +36,10 @@ class ServerBlock:
         self.flops = 0
 
     def _counted(self, fn, *args: Any) -> Any:
-        counter = FlopCounterMode(display=False)
+        counter = FlopCounter()
         with counter:
             out = fn(*args)
-        self.flops += int(counter.get_total_flops())
+        self.flops += counter.flops
         return out
 
     def call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:

@@ -1,0 +1,99 @@
+"""`ServerFit` on Ray Train: a TorchTrainer (DDP over `cluster.num_servers` workers, on GPUs when
+`cluster.server_gpus` > 0) fed by a Ray Data dataset of the consolidated activations.
+
+Each epoch every worker reports its loss; rank 0 also reports a checkpoint of the server
+block, so the coordinator gets the weights after every epoch (one metrics row per epoch).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+
+import numpy as np
+import torch
+from sfl_ray.metrics.device_cost import FlopCounter
+
+from sfl_ray.runtime.server_fit import ServerFit, train_epoch
+from sfl_ray.runtime.wire import load_weights, to_numpy
+from sfl_ray.seeding import derive_seed
+
+
+def _loop(config: dict) -> None:
+    """The per-worker training loop (runs inside Ray Train workers)."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    bp, req = config["blueprint"], config["request"]
+    torch.set_num_threads(bp.torch_threads)
+    model = bp.build_parts().server
+    load_weights(model, req.init_weights)
+    model = ray.train.torch.prepare_model(model)  # DDP when there are several workers
+    opt = bp.make_optimizer(model.parameters(), req.lr)
+    shard = ray.train.get_dataset_shard("train")
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    for epoch in range(req.epochs):
+        seed = derive_seed(req.seed, "ampere_server", epoch) % (2 ** 31)
+        batches = ((b["z"].to(device), b["y"].to(device), b["owner"].numpy()) for b in shard.iter_torch_batches(
+            batch_size=req.batch_size, local_shuffle_buffer_size=len(req.y) if req.shuffle else None,
+            local_shuffle_seed=seed if req.shuffle else None, device="cpu"))
+        counter = FlopCounter()
+        with counter:
+            stats = train_epoch(model, opt, batches)
+        stats["flops"] = float(counter.flops)
+        if ctx.get_world_size() > 1:  # sum the workers' shares
+            t = torch.tensor([stats[k] for k in ("loss_sum", "count", "devices_per_batch_sum", "batches", "flops")],
+                             dtype=torch.float64)
+            dist.all_reduce(t)
+            stats = dict(zip(("loss_sum", "count", "devices_per_batch_sum", "batches", "flops"), t.tolist()))
+        metrics = {"epoch": epoch, **stats}
+        if ctx.get_world_rank() == 0:
+            with tempfile.TemporaryDirectory() as d:
+                inner = model.module if hasattr(model, "module") else model
+                torch.save({k: to_numpy(v, copy=True) for k, v in inner.state_dict().items()},
+                           os.path.join(d, "server.pt"))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+def fit_with_ray_train(blueprint, req: ServerFit, cluster, storage_path: str) -> list[dict]:
+    """Run the fit; returns, per epoch, the loss, mixing, FLOPs and the server weights."""
+    import ray.data
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    n = len(req.y)
+    table = {"z": req.z, "y": req.y.astype(np.int64), "owner": req.owner.astype(np.int64)}
+    ds = ray.data.from_numpy(table["z"]).rename_columns({"data": "z"})
+    for col in ("y", "owner"):
+        ds = ds.zip(ray.data.from_numpy(table[col]).rename_columns({"data": col}))
+    if req.shuffle:
+        # A global shuffle before the split across workers, so every worker's shard mixes all
+        # devices; each epoch then reshuffles locally with its own seed.
+        ds = ds.random_shuffle(seed=derive_seed(req.seed, "ampere_server_global") % (2 ** 31))
+    meta = ServerFit(z=np.empty((0,)), y=np.empty(n), owner=np.empty(0), init_weights=req.init_weights,
+                     epochs=req.epochs, batch_size=req.batch_size, lr=req.lr, shuffle=req.shuffle, seed=req.seed)
+    use_gpu = cluster.server_gpus > 0
+    trainer = TorchTrainer(
+        _loop, train_loop_config={"blueprint": blueprint, "request": meta},
+        scaling_config=ScalingConfig(num_workers=cluster.num_servers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cluster.server_cpus,
+                                                           **({"GPU": cluster.server_gpus} if use_gpu else {})}),
+        datasets={"train": ds},
+        run_config=RunConfig(storage_path=storage_path, name=f"server-fit-{uuid.uuid4().hex[:8]}",
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)))
+    result = trainer.fit()
+    out = []
+    for ckpt, metrics in sorted(result.best_checkpoints, key=lambda cm: cm[1]["epoch"]):
+        with ckpt.as_directory() as d:
+            weights = torch.load(os.path.join(d, "server.pt"), weights_only=False)
+        out.append({"loss": metrics["loss_sum"] / max(metrics["count"], 1), "flops": int(metrics["flops"]),
+                    "server_batch_devices_mean": metrics["devices_per_batch_sum"] / max(metrics["batches"], 1),
+                    "samples": int(metrics["count"]), "weights": weights})
+    if len(out) != req.epochs:
+        raise RuntimeError(f"Ray Train reported {len(out)} of {req.epochs} epochs")
+    return out
