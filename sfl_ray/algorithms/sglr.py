@@ -24,8 +24,8 @@ Where the paper is silent or the system differs, this file chooses:
 - Bytes are counted where a device receives them: a broadcast to k active clients is k
   downloads. The row's `server_gradient_send_bytes` counts the mean once per iteration
   instead (the server's side of a multicast, the paper's Table 6 accounting).
-- The phase is a fraction of `total_rounds` (an algorithm does not see `stop.rounds`; keep
-  them equal). A round is one pass over each client's data, the paper's epoch.
+- The phase is a fraction of `total_rounds`, by default `stop.rounds` (the planned length; a
+  run cut short by a budget or a target keeps the planned schedule). A round is one pass over each client's data, the paper's epoch.
 - Evaluation needs one device block (the paper does not say which): the device block of the
   round's first (lowest-id) client, or the mean of the round's clients' blocks. Fetching it is
   evaluation bookkeeping, returned as telemetry and not counted: training moves no weights.
@@ -65,8 +65,8 @@ class SGLRConfig(SplitConfigMixin):
         0.6, ge=0, le=1, description="Share of total_rounds during which SplitAvg is on (1 = always, 0 = never).")
     averaging_phase: Literal["initial", "final"] = Field(
         "initial", description="Whether the averaged rounds are the first or the last ones.")
-    total_rounds: int = Field(10, gt=0, description="Training length in rounds that the averaging fraction "
-                              "refers to; set it to stop.rounds.")
+    total_rounds: int | None = Field(None, gt=0, description="Training length in rounds that the averaging "
+                                     "fraction refers to; None = stop.rounds.")
     loss_reduction: Literal["mean_over_concat", "mean_per_client"] = Field(
         "mean_over_concat", description="mean_over_concat: one mean loss over the concatenated batch (official "
         "code; each slice is 1/N of a client's own mean-loss gradient); mean_per_client: each slice is the "
@@ -152,14 +152,15 @@ class SGLR(Algorithm):
     def averaging_in(self, rnd: int) -> bool:
         """Whether round `rnd` (from 1) lies in the SplitAvg phase."""
         cfg = self.config
-        if rnd > cfg.total_rounds and not self._warned:
+        total = cfg.total_rounds or self.blueprint.rounds
+        if rnd > total and not self._warned:
             self._warned = True
-            log.warning("round %d > algorithm.total_rounds=%d: set total_rounds to stop.rounds", rnd, cfg.total_rounds)
+            log.warning("round %d > algorithm.total_rounds=%d: the averaging phase is measured against it", rnd, total)
         if cfg.averaging_fraction_of_training >= 1.0:
             return True
         # The official code averages while epoch < comm_flag x epochs: ceil(f x T) rounds.
-        n = math.ceil(cfg.averaging_fraction_of_training * cfg.total_rounds - 1e-9)
-        return rnd <= n if cfg.averaging_phase == "initial" else rnd > cfg.total_rounds - n
+        n = math.ceil(cfg.averaging_fraction_of_training * total - 1e-9)
+        return rnd <= n if cfg.averaging_phase == "initial" else rnd > total - n
 
     def active_clients(self, rnd: int, epoch: int, k: int, ids: list[int]) -> list[int]:
         """ceil(phi x n) of this iteration's clients, drawn afresh every iteration."""

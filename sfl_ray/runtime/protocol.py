@@ -38,6 +38,7 @@ class Blueprint:
     train: Any          # TrainConfig
     algorithm: Any      # the algorithm's own config section
     torch_threads: int = 1
+    rounds: int = 0     # stop.rounds: the planned training length (phased schedules need it)
 
     def build_parts(self) -> ModelParts:
         return build_parts(self.model_name, self.cut, self.in_shape, self.num_classes, self.seed)
