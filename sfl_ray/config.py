@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from sfl_ray.algorithms import algorithm_config_classes
 from sfl_ray.config_base import ConfigError, Section
+from sfl_ray.models.lora import LoRAConfig
 
 AlgorithmConfig = Annotated[
     Union[tuple(algorithm_config_classes())],  # type: ignore[misc]
@@ -22,28 +23,50 @@ AlgorithmConfig = Annotated[
 ]
 
 
+class TransformerConfig(Section):
+    pretrained: Optional[str] = Field(None, description="from_pretrained(name or local dir); None = build from "
+                                      "the fields below with random init from the seed.")
+    n_layer: int = Field(4, gt=1, description="Transformer blocks.")
+    n_embd: int = Field(64, gt=0, description="Hidden size.")
+    n_head: int = Field(4, gt=0, description="Attention heads.")
+    n_positions: int = Field(128, gt=0, description="GPT-2: maximum sequence length (at least data.max_length).")
+    patch_size: int = Field(4, gt=0, description="ViT: patch size in pixels.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout everywhere (0 keeps runs bit-reproducible).")
+    attention: Literal["sdpa", "eager"] = Field("sdpa", description="Attention implementation.")
+
+
 class ModelConfig(Section):
-    name: Literal["cnn", "resnet18", "vgg11"] = Field("cnn", description="Architecture from the model zoo.")
-    cut: Optional[str] = Field(None, description="Last layer of the device block; None = the model's default cut.")
+    name: Literal["cnn", "resnet18", "vgg11", "gpt2", "vit"] = Field("cnn", description="Architecture from the model zoo.")
+    cut: Optional[str] = Field(None, description="CNNs: last layer of the device block; transformers: blockK "
+                               "(the device keeps the first K blocks); None = the model's default cut.")
+    transformer: TransformerConfig = Field(TransformerConfig(), description="gpt2 / vit: shape or pretrained weights.")
+    lora: Optional[LoRAConfig] = Field(None, description="gpt2 / vit: LoRA adapters on device, server and aux "
+                                       "blocks; everything else frozen and never exchanged.")
 
 
 class DataConfig(Section):
-    name: Literal["mnist", "cifar10", "hf"] = Field("mnist", description="Data source.")
+    name: Literal["mnist", "cifar10", "hf", "e2e"] = Field("mnist", description="Data source.")
     path: Optional[str] = Field(
         None,
         description="mnist: folder of idx .gz files or parquet files (None = built-in 12k subset); "
-        "cifar10: tarball or image folder; hf: hub name or local folder/files.",
+        "cifar10: tarball or image folder; hf: hub name or local folder/files; "
+        "e2e: folder of E2E csv files or hub name (None = the built-in slice).",
     )
     image_column: str = Field("image", description="hf source: column holding the image.")
     label_column: str = Field("label", description="hf source: column holding the class label.")
     max_train_samples: Optional[int] = Field(None, gt=0, description="Use only the first N training samples.")
     max_test_samples: Optional[int] = Field(None, gt=0, description="Use only the first N test samples.")
+    tokenizer: Optional[str] = Field(None, description="Text: a GPT-2 tokenizer folder (vocab.json + merges.txt or "
+                                     "tokenizer.json) or hub name; None = the copy built into the package.")
+    max_length: int = Field(128, gt=8, description="Text: tokens per example (truncated, right-padded).")
 
 
 class PartitionConfig(Section):
     name: Literal["iid", "dirichlet", "shards"] = Field("iid", description="How samples are split across clients.")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller = more skewed.")
     shards_per_client: int = Field(2, gt=0, description="shards: label-sorted shards per client.")
+    field: Optional[str] = Field(None, description="Skew by this metadata field instead of the label (text data: "
+                                 "E2E's eatType, food, area, ...); required for dirichlet/shards on language data.")
 
 
 class TrainConfig(Section):

@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+import numpy as np
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
 log = logging.getLogger("sfl_ray")
 
@@ -47,12 +49,20 @@ def prepare(cfg):
         from sfl_ray.config_base import ConfigError
         raise ConfigError("algorithm.server_trainer", "ray_train", "needs cluster.backend=ray (or use 'actor')")
     data = load_source(cfg.data)
-    shards = partition(data.train_y, cfg.partition, cfg.train.num_clients, cfg.seed)
+    from sfl_ray.config_base import ConfigError
+    keys, n_keys = data.train_y, data.num_classes
+    if cfg.partition.field is not None or (data.task == "lm" and cfg.partition.name != "iid"):
+        field = cfg.partition.field
+        if field not in data.groups:
+            raise ConfigError("partition.field", field, f"a metadata field of this data set: "
+                              f"{', '.join(k for k in data.groups if not k.endswith('_names')) or 'none'}")
+        keys = np.asarray(data.groups[field])
+        n_keys = int(keys.max()) + 1
+    shards = partition(keys, cfg.partition, cfg.train.num_clients, cfg.seed)
     if min(len(s) for s in shards) == 0:
-        from sfl_ray.config_base import ConfigError
         raise ConfigError("train.num_clients", cfg.train.num_clients, "some clients would hold no samples")
-    build_parts(cfg.model.name, cfg.model.cut, data.input_shape, data.num_classes, cfg.seed)
-    hist = label_histograms(data.train_y, shards, data.num_classes)
+    build_parts(cfg.model.name, cfg.model.cut, data.input_shape, data.num_classes, cfg.seed, cfg.model)
+    hist = label_histograms(keys, shards, n_keys) if keys.ndim == 1 else None
     return algorithm_cls, data, shards, hist
 
 
@@ -102,8 +112,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.error("run failed: %s", err, exc_info=not isinstance(err, ClientFailed))
         return EXIT_FAILED
     final = summary.get("final") or {}
+    metric = ("eval_perplexity" if final.get("eval_perplexity") is not None else "eval_accuracy")
     print(f"sfl_ray: done after {summary['rounds']} rounds ({summary['stop_reason']}); "
-          f"eval_accuracy={final.get('eval_accuracy')} GiB={summary['totals']['gib']:.4f}", flush=True)
+          f"{metric}={final.get(metric)} GiB={summary['totals']['gib']:.4f}", flush=True)
     return EXIT_OK
 
 

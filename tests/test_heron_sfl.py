@@ -82,7 +82,7 @@ def test_device_peak_memory_is_below_cse_fsl(both):
     peaks, weights = {}, {}
     for algo, (coord, ex) in both.items():
         peaks[algo] = coord.run_one_round(1)["device_peak_mem_bytes"]
-        aux = ex.pool.algorithm.aux_module(ex.pool.parts.act_shape)
+        aux = ex.pool.algorithm.aux_module(ex.pool.parts)
         weights[algo] = sum(t.numel() * t.element_size() for m in (ex.pool.parts.device, aux)
                             for t in [*m.parameters(), *m.buffers()])
     print(f"device peak memory: heron_sfl {peaks['heron_sfl']} B, cse_fsl {peaks['cse_fsl']} B, "
@@ -164,7 +164,7 @@ def test_bytes_uploads_and_no_gradient_down(run_dir):
     program.upload = spy
     row = coord.run_one_round(1)
     parts = ex.pool.parts
-    aux = ex.pool.algorithm.aux_module(parts.act_shape)
+    aux = ex.pool.algorithm.aux_module(parts)
     act = 4 * math.prod(parts.act_shape)  # fp32 bytes per sample
     n = {c: len(ex.pool.shards[c]) for c in range(cfg.train.num_clients)}
     m = len(n)

@@ -83,12 +83,12 @@ class Ampere(AuxHeadMixin, Algorithm):
     def init_global(self, parts: ModelParts) -> None:
         self.global_server = module_weights(parts.server)
         self.global_device = module_weights(parts.device)
-        self.global_aux = module_weights(self.aux_module(parts.act_shape))
+        self.global_aux = module_weights(self.aux_module(parts))
         self.global_phase = "device"
 
     # -- phase 1 -------------------------------------------------------------------------
     def client_program(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:
-        return local_loss_program(ctx, down, self.aux_module(ctx.parts.act_shape), upload_every=None)
+        return local_loss_program(ctx, down, self.aux_module(ctx.parts), upload_every=None)
 
     def run_round(self, rt: RoundRuntime, rnd: int, clients: list[int]) -> RoundSummary:
         replies = rt.clients(clients, {"weights": self.global_device, "aux_weights": self.global_aux})

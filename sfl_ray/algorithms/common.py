@@ -8,8 +8,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from sfl_ray.models.task import task_loss
 from sfl_ray.config_base import Section
 from sfl_ray.runtime.protocol import ClientContext, ClientReply, ServerProgram
 from sfl_ray.runtime.wire import Weights, load_weights, module_weights
@@ -89,7 +89,7 @@ def server_step(model: nn.Module, opt: torch.optim.Optimizer, arrays: dict) -> t
     # The received activations are a leaf: their .grad is exactly what the device needs.
     z = arrays["activations"].detach().requires_grad_(True)
     model.train()
-    loss = F.cross_entropy(model(z), arrays["labels"])
+    loss = task_loss(model(z), arrays["labels"])
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -122,7 +122,7 @@ class BufferedServer(ServerProgram):
         self.model.train()
         for c in order:
             for z, y in self.pending.pop(c, []):
-                loss = F.cross_entropy(self.model(z), y)
+                loss = task_loss(self.model(z), y)
                 self.opt.zero_grad()
                 loss.backward()
                 self.opt.step()

@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch.nn as nn
-import torch.nn.functional as F
 from pydantic import Field
 
+from sfl_ray.models.task import task_loss
 from sfl_ray.algorithms.common import (BufferedServer, SplitConfigMixin, client_order, fedavg_replies,
                                        upload_batches)
 from sfl_ray.models.aux import AuxConfig, build_aux
@@ -39,10 +39,11 @@ class AuxHeadMixin:
 
     _aux_module: nn.Module | None = None
 
-    def aux_module(self, act_shape) -> nn.Module:
+    def aux_module(self, parts) -> nn.Module:
         if self._aux_module is None:
             bp = self.blueprint
-            self._aux_module = build_aux(self.config.aux, act_shape, bp.num_classes, bp.seed)
+            self._aux_module = build_aux(self.config.aux, parts.act_shape, bp.num_classes, bp.seed,
+                                         parts.aux_factory).to(parts.device_of())
         return self._aux_module
 
 
@@ -61,7 +62,7 @@ def local_loss_program(ctx: ClientContext, down: dict, aux: nn.Module, upload_ev
             z = device(x)  # (B, *act_shape) smashed activations
             if upload_every and upload_batches(k, k_total, upload_every, upload_phase):
                 ctx.link.call("upload", {"activations": z, "labels": y})  # nothing comes back
-            loss = F.cross_entropy(aux(z), y)  # the local loss replaces the server's gradient
+            loss = task_loss(aux(z), y)  # the local loss replaces the server's gradient
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -78,10 +79,10 @@ class CSEFSL(AuxHeadMixin, Algorithm):
 
     def init_global(self, parts: ModelParts) -> None:
         self.global_device = module_weights(parts.device)
-        self.global_aux = module_weights(self.aux_module(parts.act_shape))
+        self.global_aux = module_weights(self.aux_module(parts))
 
     def client_program(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:
-        return local_loss_program(ctx, down, self.aux_module(ctx.parts.act_shape),
+        return local_loss_program(ctx, down, self.aux_module(ctx.parts),
                                   self.config.upload_every, self.config.upload_phase)
 
     def run_round(self, rt: RoundRuntime, rnd: int, clients: list[int]) -> RoundSummary:

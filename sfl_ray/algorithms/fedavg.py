@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch.nn.functional as F
 from pydantic import Field
 
+from sfl_ray.models.task import task_loss
 from sfl_ray.algorithms.common import SplitConfigMixin, fedavg_replies, split_weights
 from sfl_ray.models.split import ModelParts
 from sfl_ray.runtime.protocol import Algorithm, ClientContext, RoundRuntime, RoundSummary
@@ -36,7 +36,7 @@ class FedAvg(Algorithm):
         loss_sum, count = 0.0, 0
         for epoch in range(ctx.train.local_epochs):
             for x, y in ctx.batches(epoch):
-                loss = F.cross_entropy(model(x), y)
+                loss = task_loss(model(x), y)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from sfl_ray.models.task import task_loss
 from sfl_ray.algorithms.common import (BufferedServer, SplitConfigMixin, client_order, fedavg_replies,
                                        upload_batches)
 from sfl_ray.algorithms.cse_fsl import AuxHeadMixin
@@ -48,7 +49,7 @@ def cut_gradient(head: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, create
     depend on the batch it was computed in (buffer refresh and alignment use different batches)."""
     # A non-leaf input: torch's FLOP counter (module hooks) cannot follow autograd.grad to a leaf.
     z = z.detach().requires_grad_(True).clone()
-    loss = F.cross_entropy(head(z), y, reduction="sum")
+    loss = task_loss(head(z), y, reduction="sum")
     (g,) = torch.autograd.grad(loss, z, create_graph=create_graph)
     return g
 
@@ -65,7 +66,8 @@ class SageServer(BufferedServer):
     def _aux(self, client: int):
         if client not in self.aux:
             bp = self.ctx.blueprint
-            head = build_aux(self.ctx.config.aux, self.parts.act_shape, bp.num_classes, bp.seed).to(self.ctx.device)
+            head = build_aux(self.ctx.config.aux, self.parts.act_shape, bp.num_classes, bp.seed,
+                             self.parts.aux_factory).to(self.ctx.device)
             self.aux[client] = (head, torch.optim.Adam(head.parameters(), lr=self.ctx.config.aux_lr))
         return self.aux[client]
 
@@ -129,7 +131,7 @@ class FSLSAGE(AuxHeadMixin, Algorithm):
         self.global_has_aux: set[int] = set()
 
     def client_program(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:
-        device, aux = ctx.parts.device, self.aux_module(ctx.parts.act_shape)
+        device, aux = ctx.parts.device, self.aux_module(ctx.parts)
         load_weights(device, down["weights"])
         if "aux_weights" in down:  # an aligned estimator arrived: the device keeps it
             ctx.state["aux_weights"] = {k: v.copy() for k, v in down["aux_weights"].items()}
@@ -146,7 +148,7 @@ class FSLSAGE(AuxHeadMixin, Algorithm):
                                   self.config.upload_every, self.config.upload_phase):
                     ctx.link.call("upload", {"activations": z, "labels": y})
                 # Backprop through the frozen aux = applying its estimate of the server's cut gradient.
-                loss = F.cross_entropy(aux(z), y)
+                loss = task_loss(aux(z), y)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

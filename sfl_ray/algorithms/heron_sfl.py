@@ -39,9 +39,9 @@ from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from pydantic import Field
 
+from sfl_ray.models.task import task_loss
 from sfl_ray.algorithms.common import (BufferedServer, SplitConfigMixin, client_order, fedavg_replies,
                                        upload_batches)
 from sfl_ray.algorithms.cse_fsl import AuxHeadMixin
@@ -133,10 +133,10 @@ class HeronSFL(AuxHeadMixin, Algorithm):
 
     def init_global(self, parts: ModelParts) -> None:
         self.global_device = module_weights(parts.device)
-        self.global_aux = module_weights(self.aux_module(parts.act_shape))
+        self.global_aux = module_weights(self.aux_module(parts))
 
     def client_program(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:
-        device, aux = ctx.parts.device, self.aux_module(ctx.parts.act_shape)
+        device, aux = ctx.parts.device, self.aux_module(ctx.parts)
         load_weights(device, down["weights"])
         load_weights(aux, down["aux_weights"])
         device.train(), aux.train()
@@ -160,7 +160,7 @@ class HeronSFL(AuxHeadMixin, Algorithm):
 
         def loss_fn(z: torch.Tensor | None = None) -> float:
             with seeded_torch(noise):  # the same dropout mask in every forward of this step
-                return float(F.cross_entropy(aux(device(x) if z is None else z), y))
+                return float(task_loss(aux(device(x) if z is None else z), y))
 
         loss0 = None
         if upload:

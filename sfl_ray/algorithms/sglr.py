@@ -43,9 +43,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
+from sfl_ray.models.task import task_loss
 from sfl_ray.algorithms.common import SplitConfigMixin, weighted_average
 from sfl_ray.models.split import ModelParts
 from sfl_ray.runtime.protocol import (Algorithm, Blueprint, ClientContext, RoundRuntime, RoundSummary,
@@ -97,7 +97,7 @@ class SGLRServer(ServerProgram):
         z = torch.cat([to_tensor(batches[c]["activations"], dev) for c in ids]).requires_grad_(True)
         y = torch.cat([to_tensor(batches[c]["labels"], dev) for c in ids])
         self.model.train()
-        per_sample = F.cross_entropy(self.model(z), y, reduction="none")
+        per_sample = task_loss(self.model(z), y, reduction="none")
         if self.ctx.config.loss_reduction == "mean_over_concat":
             loss = per_sample.mean()
         else:

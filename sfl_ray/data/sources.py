@@ -10,7 +10,7 @@ import functools
 import gzip
 import hashlib
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,7 +23,13 @@ BUILTIN = Path(__file__).parent / "builtin"
 
 @dataclass
 class ArrayDataset:
-    """Train and held-out test arrays: x float32 (N, C, H, W) normalised, y int64."""
+    """Train and held-out test arrays.
+
+    classification: x float32 (N, C, H, W) normalised, y int64 class ids, num_classes classes.
+    lm (causal language modelling): x int64 token ids (N, T), y int64 (N, T) with -100 where no
+    loss is taken (prompt, padding), num_classes = vocabulary size.
+    `groups` holds per-training-sample metadata codes (e.g. E2E's eatType) for partitioning.
+    """
 
     name: str
     train_x: np.ndarray
@@ -31,6 +37,8 @@ class ArrayDataset:
     test_x: np.ndarray
     test_y: np.ndarray
     num_classes: int
+    task: str = "classification"
+    groups: dict = field(default_factory=dict)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -146,6 +154,9 @@ def _load_imagefolder(path: str, image_col: str, label_col: str) -> tuple[np.nda
 
 def load_source(cfg: Any) -> ArrayDataset:
     """Load the data set named by a `DataConfig` (raw arrays are cached per process)."""
+    if cfg.name == "e2e":
+        from sfl_ray.data.text import load_e2e
+        return load_e2e(cfg)
     tx, ty, vx, vy = _raw(cfg.name, cfg.path, cfg.image_column, cfg.label_column)
     if cfg.max_train_samples:
         tx, ty = tx[: cfg.max_train_samples], ty[: cfg.max_train_samples]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from sfl_ray.models.split import ModelParts
-from sfl_ray.runtime.wire import load_weights
+from sfl_ray.models.task import target_count, task_loss
+from sfl_ray.runtime.wire import load_weights, to_tensor
 
 
 class Evaluator:
@@ -18,15 +20,20 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, device_weights: dict, server_weights: dict) -> dict:
+        """Classification: accuracy and mean loss. Language models: mean loss per target token
+        and its exponential, the perplexity."""
         load_weights(self.parts.device, device_weights)
         load_weights(self.parts.server, server_weights)
         model = self.parts.full().eval()
-        correct, loss = 0, 0.0
+        correct, loss, count = 0, 0.0, 0
         for i in range(0, len(self.y), self.batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(self.x[i: i + self.batch_size]))
-            yb = torch.from_numpy(np.ascontiguousarray(self.y[i: i + self.batch_size]))
+            xb = to_tensor(np.ascontiguousarray(self.x[i: i + self.batch_size]))
+            yb = to_tensor(np.ascontiguousarray(self.y[i: i + self.batch_size]))
             logits = model(xb)
-            loss += float(F.cross_entropy(logits, yb, reduction="sum"))
-            correct += int((logits.argmax(1) == yb).sum())
-        n = len(self.y)
-        return {"eval_accuracy": correct / n, "eval_loss": loss / n}
+            loss += float(task_loss(logits, yb, reduction="sum"))
+            count += target_count(yb)
+            if logits.dim() == 2:
+                correct += int((logits.argmax(1) == yb).sum())
+        if self.y.ndim == 1:
+            return {"eval_accuracy": correct / len(self.y), "eval_loss": loss / count}
+        return {"eval_perplexity": math.exp(min(loss / count, 50.0)), "eval_loss": loss / count}

@@ -8,7 +8,7 @@ fits a parameter and FLOP budget (FLOPs measured with torch.utils.flop_counter, 
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -20,9 +20,13 @@ from sfl_ray.seeding import seeded_torch
 
 
 class AuxConfig(Section):
-    kind: Literal["auto", "linear", "conv", "mlp"] = Field(
+    kind: Literal["auto", "linear", "conv", "mlp", "blocks"] = Field(
         "auto", description="linear: flatten+Linear; conv: conv3x3+ReLU+global pool+Linear (for (C,H,W) cuts); "
-        "mlp: Linear+ReLU+Linear; auto: conv for image-shaped cuts, mlp otherwise.")
+        "mlp: Linear+ReLU+Linear; blocks (transformers): `blocks` transformer blocks + norm + LM/classifier head; "
+        "auto: blocks for transformers, conv for image-shaped cuts, mlp otherwise.")
+    blocks: int = Field(1, ge=0, description="blocks: transformer blocks in the aux (0 = norm + head only).")
+    init_from_server: bool = Field(False, description="blocks: copy the server's first blocks, norm and head "
+                                   "(HERON-SFL) instead of a fresh init.")
     max_params: Optional[int] = Field(None, gt=0, description="Parameter budget; the widest head that fits is built.")
     max_flops_per_sample: Optional[int] = Field(None, gt=0, description="Forward FLOPs per sample budget.")
     width: Optional[int] = Field(None, gt=0, description="Hidden width/channels; None = as wide as the budget allows "
@@ -48,11 +52,17 @@ def head_cost(head: nn.Module, act_shape: tuple[int, ...]) -> tuple[int, int]:
     return sum(p.numel() for p in head.parameters()), counter.flops
 
 
-def build_aux(cfg: AuxConfig, act_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Sequential:
-    """The auxiliary head for this cut (same seed, same initial weights in every process)."""
+def build_aux(cfg: AuxConfig, act_shape: tuple[int, ...], num_classes: int, seed: int,
+              aux_factory: Optional[Callable[[int, bool, int], nn.Module]] = None) -> nn.Module:
+    """The auxiliary head for this cut (same seed, same initial weights in every process).
+    Transformers pass their `aux_factory` (see ModelParts)."""
     kind = cfg.kind
     if kind == "auto":
-        kind = "conv" if len(act_shape) == 3 else "mlp"
+        kind = "blocks" if aux_factory is not None else ("conv" if len(act_shape) == 3 else "mlp")
+    if kind == "blocks":
+        if aux_factory is None:
+            raise ConfigError("algorithm.aux.kind", "blocks", "needs a transformer model (gpt2, vit)")
+        return aux_factory(cfg.blocks, cfg.init_from_server, seed)
     if kind == "conv" and len(act_shape) != 3:
         raise ConfigError("algorithm.aux.kind", "conv", f"needs a (C, H, W) cut; this cut gives {act_shape}")
     top = cfg.width or (act_shape[0] if kind == "conv" else 256)

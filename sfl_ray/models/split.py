@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from sfl_ray.config_base import ConfigError
 from sfl_ray.models import cnn, resnet, vgg
-from sfl_ray.seeding import seeded_torch
+from sfl_ray.seeding import derive_seed, seeded_torch
 
 REGISTRY: dict[str, tuple[Callable[[tuple[int, ...], int], nn.Sequential], str]] = {
     "cnn": (cnn.cnn, cnn.DEFAULT_CUT),
@@ -54,22 +54,83 @@ def activation_shape(device: nn.Module, in_shape: tuple[int, ...]) -> tuple[int,
 
 @dataclass
 class ModelParts:
-    """The device block and server block of one model (and the cut's activation shape)."""
+    """The device block and server block of one model (and the cut's activation shape).
 
-    device: nn.Sequential
-    server: nn.Sequential
+    `aux_factory(n_blocks, from_server, seed)`, for transformers, builds an auxiliary head of
+    n blocks + norm + output head (fresh, or copied from the server's first blocks)."""
+
+    device: nn.Module
+    server: nn.Module
     cut: str
     act_shape: tuple[int, ...]
+    aux_factory: Optional[Callable[[int, bool, int], nn.Module]] = None
+
+    def device_of(self) -> torch.device:
+        """Where the blocks live (the pool moves them to its GPU, if any)."""
+        p = next(self.device.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
 
     def full(self) -> nn.Sequential:
         """The unsplit model (shares weights with the blocks)."""
         return nn.Sequential(OrderedDict([("device", self.device), ("server", self.server)]))
 
 
-def build_parts(name: str, cut: Optional[str], in_shape: tuple[int, ...], num_classes: int, seed: int) -> ModelParts:
+def build_parts(name: str, cut: Optional[str], in_shape: tuple[int, ...], num_classes: int, seed: int,
+                model_cfg=None) -> ModelParts:
     """Build a model and cut it; `cut=None` uses the model's default cut."""
+    if name in ("gpt2", "vit"):
+        return _build_transformer(name, cut, tuple(in_shape), num_classes, seed, model_cfg)
     model = build_model(name, in_shape, num_classes, seed)
     cut = cut or REGISTRY[name][1]
     device, server = split_model(model, cut)
     return ModelParts(device, server, cut, activation_shape(device, in_shape))
 
+
+
+def _build_transformer(name: str, cut: Optional[str], in_shape: tuple[int, ...], num_classes: int, seed: int,
+                       model_cfg) -> ModelParts:
+    from sfl_ray.models.hf_transformers import build_gpt2, build_vit
+
+    if model_cfg is None:
+        from sfl_ray.config import ModelConfig
+        model_cfg = ModelConfig(name=name, cut=cut)
+    tcfg = model_cfg.transformer
+    if name == "gpt2":
+        if len(in_shape) != 1:
+            raise ConfigError("model.name", name, f"gpt2 needs token data (e.g. data.name=e2e); the data gives {in_shape}")
+        _, device, server, aux_factory, k = build_gpt2(tcfg, cut, in_shape[0], num_classes, seed)
+        dummy = torch.zeros((1, *in_shape), dtype=torch.long)
+    else:
+        if len(in_shape) != 3:
+            raise ConfigError("model.name", name, f"vit needs image data; the data gives {in_shape}")
+        _, device, server, aux_factory, k = build_vit(tcfg, cut, in_shape, num_classes, seed)
+        dummy = torch.zeros((1, *in_shape))
+    if model_cfg.lora is not None:
+        from sfl_ray.models.lora import apply_lora
+        lora, plain_factory = model_cfg.lora, aux_factory
+        apply_lora(device, lora, derive_seed(seed, "lora_device"))
+        apply_lora(server, lora, derive_seed(seed, "lora_server"))
+        mark_frozen(device), mark_frozen(server)
+
+        def aux_factory(n_blocks: int, from_server: bool, aux_seed: int) -> nn.Module:
+            aux = plain_factory(n_blocks, from_server, aux_seed)
+            if not any(n.endswith("lora_A") for n, _ in aux.named_parameters()):
+                try:
+                    apply_lora(aux, lora, derive_seed(aux_seed, "lora_aux"))
+                except ValueError:
+                    return aux  # no adapter target in a norm+head aux: it trains whole
+            return mark_frozen(aux)
+    device.eval()
+    with torch.no_grad():
+        act_shape = tuple(device(dummy).shape[1:])
+    device.train()
+    return ModelParts(device, server, f"block{k}", act_shape, aux_factory)
+
+
+def mark_frozen(module: nn.Module) -> nn.Module:
+    """Tag the parameters LoRA froze: they never change, so they are never exchanged or counted
+    (every process builds them identically from the seed or the pretrained weights)."""
+    for p in module.parameters():
+        if not p.requires_grad:
+            p._sfl_frozen = True  # type: ignore[attr-defined]
+    return module

@@ -20,7 +20,8 @@ MIB = 1024 ** 2
 def make_blueprint(cfg: Any, data: ArrayDataset) -> Blueprint:
     return Blueprint(model_name=cfg.model.name, cut=cfg.model.cut, in_shape=data.input_shape,
                      num_classes=data.num_classes, seed=cfg.seed, train=cfg.train, algorithm=cfg.algorithm,
-                     torch_threads=cfg.cluster.torch_threads, rounds=cfg.stop.rounds)
+                     torch_threads=cfg.cluster.torch_threads, rounds=cfg.stop.rounds, model=cfg.model,
+                     task=data.task)
 
 
 def format_progress(p: dict) -> str:
@@ -36,6 +37,8 @@ def format_progress(p: dict) -> str:
         parts.append(f"{row['wall_s']:.1f}s")
     if acc is not None:
         parts.append(f"acc {acc:.4f}")
+    if row.get("round") == p["round"] and row.get("eval_perplexity") is not None:
+        parts.append(f"ppl {row['eval_perplexity']:.2f}")
     return " | ".join(parts)
 
 

@@ -39,9 +39,11 @@ class Blueprint:
     algorithm: Any      # the algorithm's own config section
     torch_threads: int = 1
     rounds: int = 0     # stop.rounds: the planned training length (phased schedules need it)
+    model: Any = None   # the ModelConfig (transformer shape, LoRA)
+    task: str = "classification"
 
     def build_parts(self) -> ModelParts:
-        return build_parts(self.model_name, self.cut, self.in_shape, self.num_classes, self.seed)
+        return build_parts(self.model_name, self.cut, self.in_shape, self.num_classes, self.seed, self.model)
 
     def make_optimizer(self, params: Sequence[torch.Tensor] | Iterator[torch.Tensor],
                        lr: Optional[float] = None) -> torch.optim.Optimizer:

@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from sfl_ray.models.task import task_loss
 
 
 @dataclass
@@ -38,7 +38,7 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer,
     model.train()
     loss_sum, n, mix = 0.0, 0, []
     for z, y, owner in batches:
-        loss = F.cross_entropy(model(z), y)
+        loss = task_loss(model(z), y)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -32,18 +32,23 @@ def to_tensor(a: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor
     return t.to(device) if str(device) != "cpu" else t
 
 
-def module_weights(module: nn.Module, trainable_only: bool = False) -> Weights:
-    """A module's state (parameters and buffers) as numpy arrays."""
-    if trainable_only:
-        return {n: to_numpy(p, copy=True) for n, p in module.named_parameters() if p.requires_grad}
-    return {n: to_numpy(t, copy=True) for n, t in module.state_dict().items()}
+def frozen_names(module: nn.Module) -> set[str]:
+    """Parameters frozen by LoRA (tagged by models.split.mark_frozen): never exchanged."""
+    return {n for n, p in module.named_parameters() if getattr(p, "_sfl_frozen", False)}
+
+
+def module_weights(module: nn.Module) -> Weights:
+    """A module's exchangeable state (parameters and buffers, minus LoRA-frozen weights) as numpy."""
+    frozen = frozen_names(module)
+    return {n: to_numpy(t, copy=True) for n, t in module.state_dict().items() if n not in frozen}
 
 
 def load_weights(module: nn.Module, weights: Mapping[str, np.ndarray], strict: bool = True) -> None:
     """Copy numpy weights into a module in place (optimizers holding its params stay valid)."""
     state = module.state_dict()
-    if strict and set(state) != set(weights):
-        missing, extra = set(state) - set(weights), set(weights) - set(state)
+    expected = set(state) - frozen_names(module)
+    if strict and expected != set(weights):
+        missing, extra = expected - set(weights), set(weights) - expected
         raise KeyError(f"weights do not match the module: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}")
     with torch.no_grad():
         for name, value in weights.items():

@@ -1,0 +1,69 @@
+"""Cutting GPT-2 and ViT at block k and running device then server gives the unsplit logits."""
+
+import pytest
+import torch
+
+from sfl_ray.config import ModelConfig, TransformerConfig
+from sfl_ray.config_base import ConfigError
+from sfl_ray.models.hf_transformers import build_gpt2, build_vit
+from sfl_ray.models.split import build_parts
+
+TINY = TransformerConfig(n_layer=4, n_embd=32, n_head=2, n_positions=16, patch_size=8)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_gpt2_split_matches_the_unsplit_model(k):
+    model, device, server, _, kk = build_gpt2(TINY, f"block{k}", 16, 100, seed=0)
+    assert kk == k and len(device.h) == k and len(server.h) == 4 - k
+    model.eval(), device.eval(), server.eval()
+    ids = torch.randint(0, 100, (3, 16), generator=torch.Generator().manual_seed(k))
+    with torch.no_grad():
+        ref = model(ids).logits
+        h = device(ids)  # (B, T, H): all that crosses the cut
+        assert h.shape == (3, 16, 32)
+        torch.testing.assert_close(server(h), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_gpt2_head_is_untied_but_starts_equal():
+    model, device, server, _, _ = build_gpt2(TINY, "block2", 16, 100, seed=0)
+    assert model.lm_head.weight is model.transformer.wte.weight  # tied in the HF model
+    assert server.lm_head.weight is not device.wte.weight        # untied at the cut
+    torch.testing.assert_close(server.lm_head.weight, device.wte.weight)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_vit_split_matches_the_unsplit_model(k):
+    model, device, server, _, _ = build_vit(TINY, f"block{k}", (3, 32, 32), 10, seed=0)
+    model.eval(), device.eval(), server.eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(k))
+    with torch.no_grad():
+        torch.testing.assert_close(server(device(x)), model(x).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_cut_gradient_matches_autograd_through_the_whole_gpt2():
+    model, device, server, _, _ = build_gpt2(TINY, "block2", 16, 100, seed=0)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss_full = model(ids).logits.square().mean()
+    loss_full.backward()
+    # a device-only weight (the embedding also feeds the tied head in the unsplit model)
+    ref = device.h[0].attn.c_attn.weight.grad.clone()
+    device.zero_grad(), server.zero_grad()
+    z = device(ids)
+    zd = z.detach().requires_grad_()
+    server(zd).square().mean().backward()
+    z.backward(zd.grad)
+    torch.testing.assert_close(device.h[0].attn.c_attn.weight.grad, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_parts_know_the_activation_shape_and_reject_bad_cuts():
+    cfg = ModelConfig(name="gpt2", transformer=TINY)
+    parts = build_parts("gpt2", "block1", (16,), 100, 0, cfg)
+    assert parts.act_shape == (16, 32) and parts.cut == "block1"
+    aux = parts.aux_factory(1, True, 0)
+    torch.testing.assert_close(aux.h[0].attn.c_attn.weight, parts.server.h[0].attn.c_attn.weight)
+    with pytest.raises(ConfigError, match="model.cut"):
+        build_parts("gpt2", "block4", (16,), 100, 0, cfg)
+    with pytest.raises(ConfigError, match="model.cut"):
+        build_parts("gpt2", "layer2", (16,), 100, 0, cfg)
+    vparts = build_parts("vit", None, (3, 32, 32), 10, 0, ModelConfig(name="vit", transformer=TINY))
+    assert vparts.act_shape == (17, 32)  # 16 patches + [CLS]
