@@ -62,7 +62,7 @@ def ray_head(tmp_path):
     finally:
         try:
             os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=30)
+            head.wait(timeout=10)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(head.pid, signal.SIGKILL)
         log.close()

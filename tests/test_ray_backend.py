@@ -37,7 +37,6 @@ def test_ray_and_local_give_identical_metrics(ray_cluster, run_dir, algo, extra)
 
 
 def test_pools_take_fractional_gpus_and_servers_whole_ones(ray_cluster, run_dir):
-    import ray
     from sfl_ray.runtime.ray_backend import start_actors
 
     cfg = small_config(run_dir, "algorithm.name=splitfed_v2", "cluster.num_pools=2", "cluster.client_gpus=0.5",

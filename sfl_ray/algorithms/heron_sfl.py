@@ -41,13 +41,11 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from sfl_ray.models.task import task_loss
-from sfl_ray.algorithms.common import (BufferedServer, SplitConfigMixin, client_order, fedavg_replies,
-                                       upload_batches)
-from sfl_ray.algorithms.cse_fsl import AuxHeadMixin
+from sfl_ray.algorithms.common import SplitConfigMixin, upload_batches
+from sfl_ray.algorithms.cse_fsl import CSEFSL
 from sfl_ray.models.aux import AuxConfig
-from sfl_ray.models.split import ModelParts
-from sfl_ray.runtime.protocol import Algorithm, ClientContext, RoundRuntime, RoundSummary
+from sfl_ray.models.task import task_loss
+from sfl_ray.runtime.protocol import ClientContext
 from sfl_ray.runtime.wire import load_weights, module_weights
 from sfl_ray.seeding import seeded_torch
 
@@ -126,14 +124,12 @@ def zo_projection(params: Sequence[torch.Tensor], loss_fn: Callable[[], float], 
     return (plus - base) / mu, base
 
 
-class HeronSFL(AuxHeadMixin, Algorithm):
+class HeronSFL(CSEFSL):
+    """CSE-FSL's schedule (uploads to one lazy server, FedAvg of device block and aux; HERON's
+    default is the unweighted mean) with a forward-only, zeroth-order device."""
+
     name = "heron_sfl"
     config_cls = HeronSFLConfig
-    server_cls = BufferedServer
-
-    def init_global(self, parts: ModelParts) -> None:
-        self.global_device = module_weights(parts.device)
-        self.global_aux = module_weights(self.aux_module(parts))
 
     def client_program(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:
         device, aux = ctx.parts.device, self.aux_module(ctx.parts)
@@ -180,13 +176,3 @@ class HeronSFL(AuxHeadMixin, Algorithm):
         for s, (g, _) in zip(seeds, est):
             perturb_(params, s, -lr * g / cfg.num_probes)  # theta -= lr * g * u(s), u regenerated
         return sum(loss for _, loss in est) / len(est)
-
-    def run_round(self, rt: RoundRuntime, rnd: int, clients: list[int]) -> RoundSummary:
-        replies = rt.clients(clients, {"weights": self.global_device, "aux_weights": self.global_aux})
-        server = rt.server("train_uploads", client_order(self.blueprint.seed, rnd, clients))
-        self.global_device = fedavg_replies(replies, "weights", self.config.weighted)
-        self.global_aux = fedavg_replies(replies, "aux_weights", self.config.weighted)
-        return RoundSummary(extra=server)
-
-    def eval_weights(self, rt: RoundRuntime) -> tuple[dict, dict]:
-        return self.global_device, rt.server("get_weights")
