@@ -106,9 +106,10 @@ class Ampere(AuxHeadMixin, Algorithm):
         load_weights(device, down["weights"])
         device.eval()
         x, y = ctx._data
+        bs = ctx.train.batch_size  # inference in training-sized batches: the device's memory is what it is
         with torch.no_grad():
-            z = torch.cat([device(torch.from_numpy(x[ctx.indices[i: i + 512]]).to(ctx.device))
-                           for i in range(0, ctx.num_samples, 512)])
+            z = torch.cat([device(torch.from_numpy(x[ctx.indices[i: i + bs]]).to(ctx.device))
+                           for i in range(0, ctx.num_samples, bs)])
         return {"activations": z, "labels": torch.from_numpy(y[ctx.indices])}, {"num_samples": ctx.num_samples}
 
     def run_final(self, rt: RoundRuntime, rnd: int, index: int) -> RoundSummary:
