@@ -67,3 +67,15 @@ def test_parts_know_the_activation_shape_and_reject_bad_cuts():
         build_parts("gpt2", "layer2", (16,), 100, 0, cfg)
     vparts = build_parts("vit", None, (3, 32, 32), 10, 0, ModelConfig(name="vit", transformer=TINY))
     assert vparts.act_shape == (17, 32)  # 16 patches + [CLS]
+
+
+def test_transformer_aux_kinds():
+    from sfl_ray.models.aux import AuxConfig, build_aux
+
+    parts = build_parts("gpt2", "block1", (16,), 100, 0, ModelConfig(name="gpt2", transformer=TINY))
+    minimal = build_aux(AuxConfig(kind="linear"), parts.act_shape, 100, 0, parts.aux_factory)
+    assert len(minimal.h) == 0  # norm + LM head: the transformer analogue of one FC layer
+    two = build_aux(AuxConfig(kind="blocks", blocks=2), parts.act_shape, 100, 0, parts.aux_factory)
+    assert len(two.h) == 2 and two(torch.zeros(2, 16, 32)).shape == (2, 16, 100)
+    with pytest.raises(ConfigError, match="algorithm.aux.kind"):
+        build_aux(AuxConfig(kind="conv"), parts.act_shape, 100, 0, parts.aux_factory)

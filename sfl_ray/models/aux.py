@@ -59,10 +59,15 @@ def build_aux(cfg: AuxConfig, act_shape: tuple[int, ...], num_classes: int, seed
     kind = cfg.kind
     if kind == "auto":
         kind = "blocks" if aux_factory is not None else ("conv" if len(act_shape) == 3 else "mlp")
+    if aux_factory is not None and kind == "linear":
+        # A transformer's single linear layer on the cut is its norm + output head (HERON's minimal aux).
+        return aux_factory(0, cfg.init_from_server, seed)
     if kind == "blocks":
         if aux_factory is None:
             raise ConfigError("algorithm.aux.kind", "blocks", "needs a transformer model (gpt2, vit)")
         return aux_factory(cfg.blocks, cfg.init_from_server, seed)
+    if aux_factory is not None:
+        raise ConfigError("algorithm.aux.kind", kind, "transformers take blocks, linear (norm + head) or auto")
     if kind == "conv" and len(act_shape) != 3:
         raise ConfigError("algorithm.aux.kind", "conv", f"needs a (C, H, W) cut; this cut gives {act_shape}")
     top = cfg.width or (act_shape[0] if kind == "conv" else 256)
