@@ -23,22 +23,28 @@ GIB = 1024 ** 3
 
 
 def table(results: list[dict]) -> str:
-    """The comparison as a markdown table."""
-    head = ("| algorithm | rounds | final acc | best acc | GiB moved | device TFLOPs | device peak MiB "
+    """The comparison as a markdown table (accuracy for classification, perplexity for LMs)."""
+    lm = any((r["final"] or {}).get("eval_perplexity") is not None for r in results)
+    metric, label = ("eval_perplexity", "ppl") if lm else ("eval_accuracy", "acc")
+    head = (f"| algorithm | rounds | first {label} | final {label} | GiB moved | device TFLOPs | device peak MiB "
             "| server TFLOPs | sim time s | wall s |\n|---|---|---|---|---|---|---|---|---|---|\n")
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.4f}"
+
     lines = []
     for r in results:
         t, f = r["totals"], r["final"] or {}
-        acc = f.get("eval_accuracy")
-        lines.append(f"| {r['algorithm']} | {r['rounds']} | {acc if acc is None else f'{acc:.4f}'} | "
-                     f"{r['best_eval_accuracy'] or 0:.4f} | {t['gib']:.4f} | {t['device_flops'] / 1e12:.3f} | "
-                     f"{t['device_peak_mem_bytes'] / 2**20:.2f} | {t['server_flops'] / 1e12:.3f} | "
-                     f"{t['sim_s']:.1f} | {t['wall_s']:.1f} |")
+        first = r.get("first_eval", {}).get(metric)
+        lines.append(f"| {r['algorithm']} | {r['rounds']} | {fmt(first)} | {fmt(f.get(metric))} | {t['gib']:.4f} | "
+                     f"{t['device_flops'] / 1e12:.3f} | {t['device_peak_mem_bytes'] / 2**20:.2f} | "
+                     f"{t['server_flops'] / 1e12:.3f} | {t['sim_s']:.1f} | {t['wall_s']:.1f} |")
     return head + "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from sfl_ray.config import load_config
+    from sfl_ray.config import dump_config, load_config
+    from sfl_ray.metrics.writer import RunWriter
     from sfl_ray.config_base import ConfigError
     from sfl_ray.run import _init_ray, prepare
     from sfl_ray.runtime.launch import run_experiment
@@ -67,9 +73,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                          f"output.name={name}"] + own)
         print(f"== {name}", flush=True)
         algorithm_cls, data, shards, _ = prepare(cfg)
+        RunWriter(cfg.run_dir()).write_text("config.yaml", dump_config(cfg))
         if cfg.cluster.backend == "ray":
             _init_ray(cfg)
-        results.append(run_experiment(algorithm_cls, cfg, data, shards))
+        summary = run_experiment(algorithm_cls, cfg, data, shards)
+        with open(f"{cfg.run_dir()}/metrics.jsonl") as f:
+            evaluated = [row for row in map(json.loads, f) if row.get("eval_loss") is not None]
+        summary["first_eval"] = evaluated[0] if evaluated else {}
+        results.append(summary)
         Path(root).mkdir(parents=True, exist_ok=True)
         (Path(root) / "compare.md").write_text(table(results))  # rewritten after each: nothing lost
         (Path(root) / "compare.json").write_text(json.dumps(results, indent=2, default=str))
