@@ -150,11 +150,3 @@ def off_device() -> Iterator[None]:
 
 def _identity(t):
     return t
-
-
-def count_flops(fn, *args, **kwargs) -> tuple[object, int]:
-    """Run fn and return (result, FLOPs)."""
-    counter = FlopCounter()
-    with counter:
-        out = fn(*args, **kwargs)
-    return out, counter.flops

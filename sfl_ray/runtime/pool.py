@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import traceback
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -90,12 +90,6 @@ class ClientPool:
         reply.bytes = {f"{d}/{k}": v for (d, k), v in ledger.bytes.items()}
         reply.messages = dict(ledger.messages)
         return reply
-
-    def client_states(self) -> dict[int, dict]:
-        return self.state
-
-    def set_client_states(self, states: dict[int, Any]) -> None:
-        self.state.update(states)
 
 
 __all__ = ["ClientPool", "pick_device", "UP", "DOWN"]
