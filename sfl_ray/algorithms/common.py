@@ -107,7 +107,8 @@ class BufferedServer(ServerProgram):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.model = ctx.build_parts().server
+        self.parts = ctx.build_parts()
+        self.model = self.parts.server
         self.opt = ctx.optimizer([self.model], lr=getattr(ctx.config, "server_lr", None))
         self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 

@@ -59,7 +59,6 @@ class SageServer(BufferedServer):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.parts = ctx.build_parts()
         self.aux: dict[int, tuple[torch.nn.Module, torch.optim.Optimizer]] = {}
         self.buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -164,7 +164,7 @@ class Coordinator:
             summary = self.algorithm.run_final(rt, rnd, final)
         server_flops = self.executor.pop_server_flops() + summary.server_flops
         row = self._account(rnd, rt, summary, server_flops, clients)
-        weights = self.algorithm.eval_weights(rt) if self._due_eval(rnd, row) or final is not None else None
+        weights = self.algorithm.eval_weights(rt) if self._due_eval(rnd) or final is not None else None
         self.executor.pop_server_flops()  # fetching weights is not training work
         if weights is not None:
             self.state = State.EVALUATING
@@ -213,7 +213,7 @@ class Coordinator:
         down = sum(v for k, v in r.bytes.items() if k.startswith("down/"))
         return self.profiles.client_time(r.client, r.flops, up, down, sum(r.messages.values()))
 
-    def _due_eval(self, rnd: int, row: dict) -> bool:
+    def _due_eval(self, rnd: int) -> bool:
         every = self.algorithm.train.eval_every
         return (rnd % every == 0 or rnd >= self.stop.rounds or self._budget_hit()
                 or self.stop.target_metric is not None)

@@ -40,7 +40,6 @@ class Blueprint:
     torch_threads: int = 1
     rounds: int = 0     # stop.rounds: the planned training length (phased schedules need it)
     model: Any = None   # the ModelConfig (transformer shape, LoRA)
-    task: str = "classification"
 
     def build_parts(self) -> ModelParts:
         return build_parts(self.model_name, self.cut, self.in_shape, self.num_classes, self.seed, self.model)
