@@ -66,3 +66,21 @@ def test_with_lora_only_adapters_change_and_only_they_cross_the_link(tmp_path):
     server_after = ex.servers[0].program.model.state_dict()
     changed = {k for k in server_after if not np.array_equal(server_after[k].numpy(), before_server[k].numpy())}
     assert changed and all("lora_" in k for k in changed)
+
+
+def test_fsl_sage_aligns_a_transformer_block_aux_with_lora(tmp_path):
+    """Alignment differentiates the aux's cut gradient (double backward through attention):
+    it must run with a transformer-block aux and bring that gradient closer to the server's."""
+    sage = [a for a in ALGO["fsl_sage"] if not a.startswith("algorithm.aux.blocks")]
+    cfg = load_config(None, TINY + sage + ["algorithm.aux.kind=blocks", "algorithm.aux.blocks=1",
+                                          "algorithm.align_epochs=6", "algorithm.aux_lr=0.003",
+                                          "model.lora.r=4", "model.lora.target_modules=[c_attn]",
+                                          "cluster.backend=local", f"output.dir={tmp_path}", "stop.rounds=1"])
+    coord, ex = local_coordinator(cfg)
+    coord.run()
+    server = ex.servers[0].program
+    before = server.alignment_quality(0)
+    server.align([0], rnd=2)
+    after = server.alignment_quality(0)
+    assert after["mse"] < before["mse"], (before, after)
+    assert after["cosine"] > before["cosine"], (before, after)

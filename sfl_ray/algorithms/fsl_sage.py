@@ -14,9 +14,11 @@ the client's aux weights down on alignment rounds only (rounds 1, 1 + l, 1 + 2l,
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 import torch.nn.functional as F
 from pydantic import Field
 
@@ -49,9 +51,13 @@ def cut_gradient(head: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, create
     depend on the batch it was computed in (buffer refresh and alignment use different batches)."""
     # A non-leaf input: torch's FLOP counter (module hooks) cannot follow autograd.grad to a leaf.
     z = z.detach().requires_grad_(True).clone()
-    loss = task_loss(head(z), y, reduction="sum")
-    (g,) = torch.autograd.grad(loss, z, create_graph=create_graph)
+    # Alignment differentiates this gradient again; fused attention kernels (flash, efficient)
+    # have no double backward, the math kernel does.
+    with sdpa_kernel(SDPBackend.MATH) if create_graph else nullcontext():
+        loss = task_loss(head(z), y, reduction="sum")
+        (g,) = torch.autograd.grad(loss, z, create_graph=create_graph)
     return g
+
 
 
 class SageServer(BufferedServer):
