@@ -54,8 +54,8 @@ class DataConfig(Section):
     )
     image_column: str = Field("image", description="hf source: column holding the image.")
     label_column: str = Field("label", description="hf source: column holding the class label.")
-    max_train_samples: Optional[int] = Field(None, gt=0, description="Use only the first N training samples.")
-    max_test_samples: Optional[int] = Field(None, gt=0, description="Use only the first N test samples.")
+    max_train_samples: Optional[int] = Field(None, gt=0, description="Use a fixed random subset of N training samples (E2E: the first N rows).")
+    max_test_samples: Optional[int] = Field(None, gt=0, description="Use a fixed random subset of N test samples (E2E: the first N rows).")
     tokenizer: Optional[str] = Field(None, description="Text: a GPT-2 tokenizer folder (vocab.json + merges.txt or "
                                      "tokenizer.json) or hub name; None = the copy built into the package.")
     max_length: int = Field(128, gt=8, description="Text: tokens per example (truncated, right-padded).")

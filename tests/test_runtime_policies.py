@@ -67,19 +67,49 @@ def test_cli_exits_1_on_a_failure_while_running(tmp_path, capsys):
     assert code == 1
 
 
-def test_image_folder_through_datasets(tmp_path):
+def _write_image_folder(root):
+    """40 train and 20 test MNIST digits as root/{train,test}/digit<y>/<i>.png."""
     from PIL import Image
 
     src = load_source(DataConfig(max_train_samples=40, max_test_samples=20))
     raw = ((src.train_x * 0.3081 + 0.1307).clip(0, 1) * 255).astype(np.uint8)
     for split, xs, ys in (("train", raw[:40], src.train_y[:40]), ("test", raw[:20], src.train_y[:20])):
         for i, (x, y) in enumerate(zip(xs, ys)):
-            d = tmp_path / split / f"digit{y}"
+            d = root / split / f"digit{y}"
             d.mkdir(parents=True, exist_ok=True)
             Image.fromarray(x[0]).save(d / f"{i}.png")
+    return src
+
+
+def test_image_folder_through_datasets(tmp_path):
+    src = _write_image_folder(tmp_path)
     data = load_source(DataConfig(name="hf", path=str(tmp_path)))
     assert data.train_x.shape == (40, 1, 28, 28) and data.test_x.shape == (20, 1, 28, 28)
     assert len(np.unique(data.train_y)) == len(np.unique(src.train_y[:40]))
+
+
+def test_image_tarball_is_packed_once_and_subsets_span_the_classes(tmp_path, monkeypatch):
+    """The CIFAR-10 jpg tarball's layout (split/class/image), built here from MNIST digits:
+    it reads the same as the unpacked folder, is packed to parquet once, and a
+    max_train_samples subset is not the first (class-sorted) files."""
+    import tarfile
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _write_image_folder(tmp_path / "folder")
+    tarball = tmp_path / "digits.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tf:
+        for split in ("train", "test"):
+            tf.add(tmp_path / "folder" / split, arcname=split)
+    from_tar = load_source(DataConfig(name="hf", path=str(tarball)))
+    from_folder = load_source(DataConfig(name="hf", path=str(tmp_path / "folder")))
+    np.testing.assert_array_equal(from_tar.train_x, from_folder.train_x)
+    np.testing.assert_array_equal(from_tar.test_y, from_folder.test_y)
+    packed = sorted(p.name for p in (tmp_path / "cache" / "sfl_ray").glob("digits-*/*.parquet"))
+    assert packed == ["test.parquet", "train.parquet"]
+    sub = load_source(DataConfig(name="hf", path=str(tarball), max_train_samples=8))
+    prefix = from_folder.train_y[:8]
+    assert np.all(np.diff(prefix) >= 0)  # files come class by class
+    assert len(sub.train_y) == 8 and len(np.unique(sub.train_y)) > len(np.unique(prefix))
 
 
 @pytest.mark.parametrize("name, cut", [("resnet18", "layer2"), ("vgg11", "pool2"), ("cnn", "pool1")])
