@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import ray
 
 from sfl_ray.config_base import ConfigError
 from sfl_ray.metrics.evaluate import Evaluator
@@ -80,14 +81,17 @@ def test_a_request_the_cluster_cannot_hold_is_refused_before_any_actor(ray_clust
 
 def test_ampere_server_phase_on_ray_train_matches_the_actor_phase_on_the_link(ray_cluster, run_dir):
     """Ampere's server phase as a Ray Train TorchTrainer (DDP over 2 workers, Ray Data input):
-    the same bytes cross the link as with the server actor, and the server block learns."""
+    the same bytes cross the link as with the server actor, and the server block learns. The
+    pool and the Train workers hold all 4 CPUs of the test cluster: the fit must not wait for a
+    CPU for Ray Data (it once did, forever)."""
+    assert ray.cluster_resources()["CPU"] == 4
     rows = {}
     for trainer in ("actor", "ray_train"):
         cfg = small_config(run_dir, "algorithm.name=ampere", f"algorithm.server_trainer={trainer}",
                            "algorithm.server_epochs=3", "stop.rounds=1", "cluster.backend=ray",
-                           "cluster.num_pools=1", "cluster.pool_cpus=0.5", "cluster.num_servers=2",
-                           "cluster.server_cpus=0.5", f"output.name=ampere-{trainer}", "algorithm.server_lr=0.1",
-                           *(["cluster.num_servers=1"] if trainer == "actor" else []))
+                           "cluster.num_pools=1", "cluster.pool_cpus=2", "cluster.num_servers=2",
+                           "cluster.server_cpus=1", f"output.name=ampere-{trainer}", "algorithm.server_lr=0.1",
+                           "cluster.task_timeout_s=300", *(["cluster.num_servers=1"] if trainer == "actor" else []))
         algorithm_cls, data, shards, _ = prepare(cfg)
         run_experiment(algorithm_cls, cfg, data, shards)
         rows[trainer] = _rows(cfg)

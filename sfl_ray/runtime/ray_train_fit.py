@@ -62,19 +62,23 @@ def _loop(config: dict) -> None:
 
 def fit_with_ray_train(blueprint, req: ServerFit, cluster, storage_path: str) -> list[dict]:
     """Run the fit; returns, per epoch, the loss, mixing, FLOPs and the server weights."""
+    import pyarrow as pa
     import ray.data
+    from ray.data.extensions import ArrowTensorArray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     n = len(req.y)
-    table = {"z": req.z, "y": req.y.astype(np.int64), "owner": req.owner.astype(np.int64)}
-    ds = ray.data.from_numpy(table["z"]).rename_columns({"data": "z"})
-    for col in ("y", "owner"):
-        ds = ds.zip(ray.data.from_numpy(table[col]).rename_columns({"data": col}))
+    order = np.arange(n)
     if req.shuffle:
         # A global shuffle before the split across workers, so every worker's shard mixes all
         # devices; each epoch then reshuffles locally with its own seed.
-        ds = ds.random_shuffle(seed=derive_seed(req.seed, "ampere_server_global") % (2 ** 31))
+        order = np.random.default_rng(derive_seed(req.seed, "ampere_server_global")).permutation(n)
+    # One ready-made Arrow table: the shards are read without any Ray Data task, so the fit
+    # cannot stall when the pools and the Train workers hold every CPU of the cluster.
+    ds = ray.data.from_arrow(pa.table({"z": ArrowTensorArray.from_numpy(np.ascontiguousarray(req.z[order])),
+                                       "y": req.y[order].astype(np.int64),
+                                       "owner": req.owner[order].astype(np.int64)}))
     meta = ServerFit(z=np.empty((0,)), y=np.empty(n), owner=np.empty(0), init_weights=req.init_weights,
                      epochs=req.epochs, batch_size=req.batch_size, lr=req.lr, shuffle=req.shuffle, seed=req.seed)
     use_gpu = cluster.server_gpus > 0
