@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=100)
     args = ap.parse_args()
     import ray
-    ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     out = tempfile.mkdtemp(prefix="sfl_bench")
     print(f"{'algorithm':<12} {'backend':<6} {'median round s':>14} {'final acc':>9}")
     for algo in ("fedavg", "splitfed_v2"):

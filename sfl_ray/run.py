@@ -72,8 +72,9 @@ def _init_ray(cfg) -> None:
     if ray.is_initialized():
         return
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-    # No address and no job cluster: start a local Ray instance on this machine.
-    ray.init(address=address, include_dashboard=False if address is None else None,
+    # No address and no job cluster: start a new local Ray instance. Not ray.init()'s default,
+    # which joins whatever /tmp/ray/ray_current_cluster names and waits for ever if that head died.
+    ray.init(address=address or "local", include_dashboard=False if address is None else None,
              logging_level=logging.WARNING, log_to_driver=True)
 
 
