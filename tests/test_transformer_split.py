@@ -79,3 +79,32 @@ def test_transformer_aux_kinds():
     assert len(two.h) == 2 and two(torch.zeros(2, 16, 32)).shape == (2, 16, 100)
     with pytest.raises(ConfigError, match="algorithm.aux.kind"):
         build_aux(AuxConfig(kind="conv"), parts.act_shape, 100, 0, parts.aux_factory)
+
+
+def test_from_pretrained_local_folders_split_to_the_saved_models(tmp_path):
+    """`model.transformer.pretrained` = a folder written by `save_pretrained`: the split halves
+    reproduce the saved model, not a fresh init (ViT gets a new head for the task's classes)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(1)
+    saved = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=16, n_embd=32, n_layer=3, n_head=2)).eval()
+    saved.save_pretrained(tmp_path / "gpt2")
+    cfg = TINY.model_copy(update={"pretrained": str(tmp_path / "gpt2")})
+    _, device, server, _, k = build_gpt2(cfg, "block1", 16, 100, seed=0)
+    assert k == 1 and len(server.h) == 2  # the saved depth, not TINY's
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(server.eval()(device.eval()(ids)), saved(ids).logits, rtol=1e-4, atol=1e-5)
+
+    vit = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32,
+                                              num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                              num_labels=5)).eval()
+    vit.save_pretrained(tmp_path / "vit")
+    _, vdev, vserv, _, _ = build_vit(TINY.model_copy(update={"pretrained": str(tmp_path / "vit")}), "block1",
+                                     (3, 32, 32), 10, seed=0)
+    saved_vit = vit.vit.state_dict()
+    for name, value in vdev.state_dict().items():  # embeddings.*, layers.0.*: the saved tensors
+        torch.testing.assert_close(value, saved_vit[name])
+    for name, value in vserv.layers[0].state_dict().items():
+        torch.testing.assert_close(value, saved_vit[f"layers.1.{name}"])
+    assert vserv.classifier.out_features == 10  # the task's classes, not the saved 5

@@ -106,6 +106,12 @@ class ViTHead(nn.Module):
         return self.classifier(self.layernorm(h)[:, 0])
 
 
+def _quiet_loading() -> None:
+    """No per-load progress bar: every pool, server and evaluator loads the same weights."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
 def _untied_head(lm_head: nn.Linear) -> nn.Linear:
     head = nn.Linear(lm_head.in_features, lm_head.out_features, bias=lm_head.bias is not None)
     head.weight = nn.Parameter(lm_head.weight.detach().clone())
@@ -118,6 +124,7 @@ def build_gpt2(tcfg, cut: Optional[str], seq_len: int, vocab: int, seed: int):
 
     with seeded_torch(seed, "model_init"):
         if tcfg.pretrained:
+            _quiet_loading()
             model = GPT2LMHeadModel.from_pretrained(tcfg.pretrained)
         else:
             model = GPT2LMHeadModel(GPT2Config(
@@ -151,6 +158,7 @@ def build_vit(tcfg, cut: Optional[str], in_shape: tuple[int, ...], num_classes: 
     c, h, w = in_shape
     with seeded_torch(seed, "model_init"):
         if tcfg.pretrained:
+            _quiet_loading()
             model = ViTForImageClassification.from_pretrained(tcfg.pretrained, num_labels=num_classes,
                                                               ignore_mismatched_sizes=True)
         else:
