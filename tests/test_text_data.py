@@ -197,6 +197,21 @@ def test_hub_name_through_load_dataset(monkeypatch):
     assert dd["train"][5] == {"mr": "name[R5], eatType[pub]", "ref": "R5 is a pub."}
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
+def test_folder_of_split_files_in_any_format_reads_like_the_csv_release(tmp_path, fmt):
+    """train.* / dev.* files (csv, json lines or parquet, hub column names) give the same
+    token arrays as the official csv files they were written from."""
+    dd = text.e2e_splits(None)
+    for split, stem in (("train", "train"), ("validation", "dev")):
+        ds = dd[split].select(range(40)).rename_columns({"mr": "meaning_representation", "ref": "human_reference"})
+        getattr(ds, "to_json" if fmt == "jsonl" else f"to_{fmt}")(str(tmp_path / f"{stem}.{fmt}"))
+    cfg = dict(name="e2e", max_train_samples=40, max_test_samples=40, max_length=64)
+    ours = load_source(DataConfig(path=str(tmp_path), **cfg))
+    ref = load_source(DataConfig(path=None, **cfg))
+    np.testing.assert_array_equal(ours.train_x, ref.train_x)
+    np.testing.assert_array_equal(ours.test_y, ref.test_y)
+
+
 def test_not_an_e2e_folder_is_a_config_error(tmp_path):
     from sfl_ray.config_base import ConfigError
 

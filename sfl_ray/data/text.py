@@ -121,13 +121,13 @@ def e2e_splits(path: Optional[str] = None) -> Any:
     folder = BUILTIN_E2E if path is None else Path(path)
     if folder.is_dir():
         files = {s: str(folder / f) for s, f in E2E_CSV.items() if (folder / f).is_file()}
-        if "train" not in files or "validation" not in files:
-            raise ConfigError("data.path", path, f"an E2E folder needs {E2E_CSV['train']} and {E2E_CSV['validation']}")
-        features = datasets.Features({"mr": datasets.Value("string"), "ref": datasets.Value("string")})
-        # keep_default_na=False: pandas would otherwise turn a text such as "NA" into a missing value.
-        return datasets.load_dataset("csv", data_files=files, features=features, keep_default_na=False)
+        if "train" in files and "validation" in files:
+            features = datasets.Features({"mr": datasets.Value("string"), "ref": datasets.Value("string")})
+            # keep_default_na=False: pandas would otherwise turn a text such as "NA" into a missing value.
+            return datasets.load_dataset("csv", data_files=files, features=features, keep_default_na=False)
+        return _split_files(folder, path)
     if folder.exists():
-        raise ConfigError("data.path", path, "an E2E folder of csv files or a hub name, not a file")
+        raise ConfigError("data.path", path, "an E2E folder of csv, json or parquet files or a hub name, not a file")
     try:
         dd = _load_hub(path)
     except Exception as e:  # offline, or no such data set: say what was asked
@@ -135,6 +135,28 @@ def e2e_splits(path: Optional[str] = None) -> Any:
     for split in ("train", "validation"):
         if split not in dd:
             raise ConfigError("data.path", path, f"needs a '{split}' split; found {list(dd)}")
+    return datasets.DatasetDict({s: _standard_columns(ds, path) for s, ds in dd.items()})
+
+
+_SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
+_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def _split_files(folder: Path, path: Optional[str]) -> Any:
+    """A folder of `train.*`, `validation.*` (or `dev.*`) and optional `test.*` files, all csv,
+    json/jsonl or parquet, with E2E columns (either naming) -> standardised splits."""
+    import datasets
+
+    found: dict[str, Path] = {}
+    for split, stems in _SPLIT_NAMES.items():
+        for f in sorted(folder.iterdir()):
+            if f.stem in stems and f.suffix in _BUILDERS and split not in found:
+                found[split] = f
+    builders = {_BUILDERS[f.suffix] for f in found.values()}
+    if "train" not in found or "validation" not in found or len(builders) != 1:
+        raise ConfigError("data.path", path, f"an E2E folder needs {E2E_CSV['train']} and {E2E_CSV['validation']}, "
+                          "or train.* and validation.* (or dev.*) files of one format: csv, json, jsonl or parquet")
+    dd = datasets.load_dataset(builders.pop(), data_files={s: str(f) for s, f in found.items()})
     return datasets.DatasetDict({s: _standard_columns(ds, path) for s, ds in dd.items()})
 
 
