@@ -22,12 +22,15 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from sfl_ray.config import load_config
-from sfl_ray.data.text import e2e_splits, load_e2e, load_tokenizer
-from sfl_ray.models.task import target_count, task_loss
+from sfl_ray.data.sources import load_source
+from sfl_ray.data.text import e2e_splits, load_tokenizer
+from sfl_ray.metrics.evaluate import Evaluator
+from sfl_ray.models.task import task_loss
+from sfl_ray.runtime.launch import make_blueprint
+from sfl_ray.runtime.wire import module_weights
 
 TINY = load_config("jobs/gpt2_e2e_tiny.yaml", []).model.transformer
 
@@ -71,16 +74,13 @@ def pretrain(e2e: str, rows: tuple[int, int], steps: int, out: Path, seed: int =
 
 
 def start_perplexity(ckpt: Path) -> float:
-    """Validation perplexity of the pretrained model before fine-tuning (the curves' round 0)."""
-    from transformers import GPT2LMHeadModel
-
-    cfg = load_config("jobs/gpt2_e2e_tiny.yaml", [])
-    data = load_e2e(cfg.data)
-    model = GPT2LMHeadModel.from_pretrained(ckpt).eval()
-    x, y = torch.from_numpy(np.array(data.test_x)), torch.from_numpy(np.array(data.test_y))
-    with torch.no_grad():
-        total = task_loss(model(x).logits, y, reduction="sum")
-    return math.exp(float(total) / target_count(y))
+    """Validation perplexity of the pretrained model before fine-tuning (the curves' round 0),
+    measured by the runs' own evaluator on the same split model."""
+    cfg = load_config("jobs/gpt2_e2e_tiny.yaml", [f"model.transformer.pretrained={ckpt.resolve()}"])
+    data = load_source(cfg.data)
+    parts = make_blueprint(cfg, data).build_parts()
+    evaluator = Evaluator(parts, data.test_x, data.test_y, cfg.train.eval_batch_size)
+    return evaluator.evaluate(module_weights(parts.device), module_weights(parts.server))["eval_perplexity"]
 
 
 def curves(out: Path, algorithms: list[str]) -> str:

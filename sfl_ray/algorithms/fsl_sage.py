@@ -59,7 +59,6 @@ def cut_gradient(head: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, create
     return g
 
 
-
 class SageServer(BufferedServer):
     """The lazy server block, plus one aux model and one FIFO alignment buffer per client."""
 

@@ -86,7 +86,6 @@ def build_parts(name: str, cut: Optional[str], in_shape: tuple[int, ...], num_cl
     return ModelParts(device, server, cut, activation_shape(device, in_shape))
 
 
-
 def _build_transformer(name: str, cut: Optional[str], in_shape: tuple[int, ...], num_classes: int, seed: int,
                        model_cfg) -> ModelParts:
     from sfl_ray.models.hf_transformers import build_gpt2, build_vit
