@@ -77,6 +77,9 @@ class TrainConfig(Section):
     batch_size: int = Field(32, gt=0, description="Mini-batch size on every client.")
     lr: float = Field(0.05, gt=0, description="Learning rate (client and server unless an algorithm says otherwise).")
     optimizer: Literal["sgd", "adam"] = Field("sgd", description="Optimizer on clients and servers.")
+    optimizer_state: Literal["persist", "reset"] = Field(
+        "persist", description="persist: every client, aux and server replica keeps its optimizer state (Adam "
+        "moments, momentum) across rounds, as the reference codes do; reset: a fresh optimizer every round.")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
     local_epochs: int = Field(1, gt=0, description="Passes over the local data per round.")
@@ -153,6 +156,11 @@ class StopConfig(Section):
     target_metric: Optional[TargetMetric] = Field(None, description="Stop once this metric is reached.")
 
 
+class LinkConfig(Section):
+    count_labels: bool = Field(True, description="Count labels (int64, 8 bytes each) as link bytes; false = the "
+                               "FSL-SAGE reference code's accounting (labels move but are not counted).")
+
+
 class OutputConfig(Section):
     dir: str = Field("runs", description="Folder that holds run directories.")
     name: Optional[str] = Field(None, description="Run directory name; None = <algorithm>-<data>-<model>-s<seed>.")
@@ -172,6 +180,7 @@ class ExperimentConfig(Section):
     train: TrainConfig = TrainConfig()
     cluster: ClusterConfig = ClusterConfig()
     cost_model: CostModelConfig = CostModelConfig()
+    link: LinkConfig = LinkConfig()
     stop: StopConfig = StopConfig()
     output: OutputConfig = OutputConfig()
     seed: int = Field(0, ge=0, description="Root seed of every random stream.")

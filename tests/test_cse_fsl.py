@@ -29,7 +29,8 @@ def test_no_gradients_down_and_ceil_k_over_h_uploads(run_dir, h, phase):
         assert sum(1 for cc, _ in calls if cc == c) == math.ceil(k / h)
         uploaded_samples += sum(n for cc, n in calls if cc == c)
     assert row["bytes_by_kind"]["up/activations"] == uploaded_samples * act
-    assert row["server_steps"] == uploaded_samples  # every upload trained the single server once
+    assert row["server_steps"] == len(calls)  # one optimizer step per upload
+    assert row["server_samples"] == uploaded_samples
 
 
 def test_device_and_aux_are_fedavgd(run_dir):

@@ -181,7 +181,8 @@ def test_bytes_uploads_and_no_gradient_down(run_dir):
     assert calls == {c: epochs * math.ceil(k[c] / every) for c in n}
     assert all(n[c] % bs == 0 for c in n)  # full batches: bytes / per-upload bytes = number of uploads
     assert kinds["up/activations"] // (bs * act) == m * epochs * math.ceil(k[0] / every)
-    assert row["server_steps"] == epochs * sum(uploaded.values())
+    assert row["server_steps"] == sum(calls.values())  # one optimizer step per upload
+    assert row["server_samples"] == epochs * sum(uploaded.values())
 
 
 class _FakeRound(RoundRuntime):

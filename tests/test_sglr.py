@@ -112,8 +112,10 @@ def test_phi_half_averages_a_fresh_random_half_each_iteration(run_dir):
 
 def test_averaging_phase_is_a_fraction_of_total_rounds(run_dir):
     cfg, coord, _ = _sglr(run_dir, "algorithm.total_rounds=10")
+    # the default is the official code's schedule: lr_pow 1, every client averaged for comm_flag=0.6
+    assert cfg.algorithm.schedule == "official"
     assert cfg.algorithm.averaging_fraction_of_training == 0.6 and cfg.algorithm.averaging_phase == "initial"
-    assert cfg.algorithm.phi == 0.5 and cfg.algorithm.alpha == 0.5
+    assert cfg.algorithm.phi == 1.0 and cfg.algorithm.alpha == 1.0
     algo: SGLR = coord.algorithm
     assert [algo.averaging_in(r) for r in range(1, 11)] == [True] * 6 + [False] * 4
     algo.config.averaging_phase = "final"
@@ -160,7 +162,7 @@ def test_server_lr_is_client_lr_times_n_to_the_alpha(run_dir, alpha, factor):
     lrs = [g["lr"] for g in ex.servers[0].program.opt.param_groups]
     assert lrs == [pytest.approx(factor * cfg.train.lr)]
     assert row["server_lr"] == pytest.approx(factor * cfg.train.lr)
-    client_opt = ex.pool.state[0]["opt"]
+    _, client_opt = ex.pool.state[0]["optim/device"]
     assert client_opt["param_groups"][0]["lr"] == cfg.train.lr  # the client lr is unchanged
 
 
@@ -180,7 +182,8 @@ def test_bytes_are_activations_labels_and_gradients_only(run_dir):
 
 
 def test_clients_keep_separate_device_blocks(run_dir):
-    _, coord, ex = _sglr(run_dir, "algorithm.phi=1.0", "algorithm.averaging_fraction_of_training=1.0")
+    _, coord, ex = _sglr(run_dir, "algorithm.phi=1.0", "algorithm.averaging_fraction_of_training=1.0",
+                         "algorithm.eval_model=client0")
     init = {k: v.copy() for k, v in coord.algorithm.global_device.items()}
     coord.run_one_round(1)
     blocks = [ex.pool.state[c]["model"].state_dict() for c in range(4)]
@@ -235,3 +238,39 @@ def test_a_short_run_learns_and_is_deterministic(run_dir):
     for a, b in zip(rows, again.writer.rows):
         assert a["train_loss"] == b["train_loss"] and a["eval_accuracy"] == b["eval_accuracy"]
         assert a["bytes_by_kind"] == b["bytes_by_kind"]
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("official", (1.0, 1.0, 0.6, "initial")), ("table2", (0.5, 0.5, 1.0, "initial")),
+    ("psl", (0.0, 0.0, 0.0, "initial"))])
+def test_named_schedules(run_dir, schedule, expected):
+    cfg = small_config(run_dir, "algorithm.name=sglr", f"algorithm.schedule={schedule}")
+    a = cfg.algorithm
+    assert (a.alpha, a.phi, a.averaging_fraction_of_training, a.averaging_phase) == expected
+
+
+def test_setting_a_knob_alone_means_custom_and_a_conflict_is_refused(run_dir):
+    from sfl_ray.config_base import ConfigError
+    a = small_config(run_dir, "algorithm.name=sglr", "algorithm.phi=0.25").algorithm
+    assert (a.schedule, a.phi, a.alpha) == ("custom", 0.25, 1.0)
+    with pytest.raises(ConfigError, match="schedule=custom"):
+        small_config(run_dir, "algorithm.name=sglr", "algorithm.schedule=table2", "algorithm.phi=1.0")
+
+
+def test_rows_say_which_block_is_evaluated(run_dir):
+    _, coord, _ = _sglr(run_dir)
+    assert coord.run_one_round(1)["eval_model"] == "mean"
+
+
+def test_device_memory_is_measured_over_a_whole_iteration_with_adam(run_dir):
+    """Forward and backward are separate programs; measured as one iteration the peak holds the
+    saved activations, the gradients and the (restored) Adam state together, so it is at least
+    SplitFed v2's for the same model, batch and optimizer."""
+    common = ["train.num_clients=2", "data.max_train_samples=200", "train.batch_size=50", "train.optimizer=adam",
+              "train.lr=0.001", "stop.rounds=2"]
+    peaks = {}
+    for algo in ("splitfed_v2", "sglr"):
+        coord, _ = local_coordinator(small_config(f"{run_dir}/{algo}", f"algorithm.name={algo}", *common))
+        coord.run()
+        peaks[algo] = [r["device_peak_mem_bytes"] for r in coord.writer.rows]
+    assert all(s >= f for s, f in zip(peaks["sglr"], peaks["splitfed_v2"])), peaks

@@ -3,7 +3,8 @@ client epoch (forward, send activations, apply the server's gradient), the serve
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+import contextlib
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -119,7 +120,7 @@ class BufferedServer(ServerProgram):
 
     def train_uploads(self, order: Sequence[int]) -> dict:
         """One step per stored upload, clients in `order`; returns the server's loss."""
-        loss_sum, count = 0.0, 0
+        loss_sum, count, steps = 0.0, 0, 0
         self.model.train()
         for c in order:
             for z, y in self.pending.pop(c, []):
@@ -127,17 +128,29 @@ class BufferedServer(ServerProgram):
                 self.opt.zero_grad()
                 loss.backward()
                 self.opt.step()
-                self.after_step(c, z, y)
                 loss_sum += float(loss.detach()) * len(y)
                 count += len(y)
+                steps += 1
         self.pending.clear()
-        return {"server_loss": loss_sum / count if count else None, "server_steps": count}
-
-    def after_step(self, client: int, z: torch.Tensor, y: torch.Tensor) -> None:
-        """Hook for subclasses (FSL-SAGE keeps the uploads for alignment)."""
+        return {"server_loss": loss_sum / count if count else None, "server_steps": steps,
+                "server_samples": count}
 
     def get_weights(self) -> dict:
         return module_weights(self.model)
+
+
+@contextlib.contextmanager
+def preserved_buffers(*modules: nn.Module) -> Iterator[None]:
+    """Run train-mode forwards (batch statistics in BatchNorm) that leave every buffer (running
+    statistics, counters) as it was: for measurements and refreshes, not training."""
+    saved = [{n: b.detach().clone() for n, b in m.named_buffers()} for m in modules]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, state in zip(modules, saved):
+                for n, b in m.named_buffers():
+                    b.copy_(state[n])
 
 
 def upload_batches(k: int, num_batches: int, every: int, phase: str) -> bool:

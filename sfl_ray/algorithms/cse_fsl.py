@@ -55,7 +55,7 @@ def local_loss_program(ctx: ClientContext, down: dict, aux: nn.Module, upload_ev
     load_weights(device, down["weights"])
     load_weights(aux, down["aux_weights"])
     device.train(), aux.train()
-    opt = ctx.optimizer([device, aux])
+    opt = ctx.optimizer([device, aux], key="device+aux")
     loss_sum, count, k_total = 0.0, 0, ctx.num_batches()
     for epoch in range(ctx.train.local_epochs):
         for k, (x, y) in enumerate(ctx.batches(epoch)):

@@ -32,7 +32,7 @@ class FedAvg(Algorithm):
         model = ctx.parts.full()
         load_weights(model, down["weights"])
         model.train()
-        opt = ctx.optimizer([model])
+        opt = ctx.optimizer([model], key="model")
         loss_sum, count = 0.0, 0
         for epoch in range(ctx.train.local_epochs):
             for x, y in ctx.batches(epoch):

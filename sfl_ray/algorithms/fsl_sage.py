@@ -10,6 +10,22 @@ blocks are FedAvg'd; the aux models are not.
 
 Per client per round: device weights down and up; ceil(K/q) uploads of activations + labels;
 the client's aux weights down on alignment rounds only (rounds 1, 1 + l, 1 + 2l, ...).
+
+When the alignment happens (as the reference code: inside the client's round, right after its
+first upload of an alignment round, so round 1 already trains against an estimator aligned on
+that client's real activations): the first upload of the round goes to `upload_align`, which
+stores it, aligns the client's aux on its buffer and returns the aligned aux in the reply. A
+client sampled for the first time on another round is aligned the same way (it has no
+estimator yet). Where sfl_ray differs from the reference, and why:
+- The lazy server steps of a round run after its clients (see BufferedServer), so an alignment
+  sees the server as the previous round left it (the reference's sequential loop has already
+  stepped on the earlier clients' uploads of the round). Alignments of different clients then
+  read the same server and are independent of the order in which parallel clients arrive.
+- The refresh of the true gradients uses batch statistics in BatchNorm, as the reference, but
+  leaves the server's running statistics as they were (the reference updates them): with
+  parallel clients the order of refreshes would otherwise change the model.
+- The alignment telemetry (cosine and MSE before and after) is measured with every weight and
+  buffer left unchanged, and its FLOPs are not counted as server work.
 """
 
 from __future__ import annotations
@@ -22,9 +38,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import torch.nn.functional as F
 from pydantic import Field
 
+from sfl_ray.metrics.device_cost import off_device
 from sfl_ray.models.task import task_loss
 from sfl_ray.algorithms.common import (BufferedServer, SplitConfigMixin, client_order, fedavg_replies,
-                                       upload_batches)
+                                       preserved_buffers, upload_batches)
 from sfl_ray.algorithms.cse_fsl import AuxHeadMixin
 from sfl_ray.models.aux import AuxConfig, build_aux
 from sfl_ray.models.split import ModelParts
@@ -72,85 +89,114 @@ class SageServer(BufferedServer):
             bp = self.ctx.blueprint
             head = build_aux(self.ctx.config.aux, self.parts.act_shape, bp.num_classes, bp.seed,
                              self.parts.aux_factory).to(self.ctx.device)
-            self.aux[client] = (head, torch.optim.Adam(head.parameters(), lr=self.ctx.config.aux_lr))
+            self.aux[client] = (head, self._aux_optimizer(head))
         return self.aux[client]
 
-    def after_step(self, client: int, z: torch.Tensor, y: torch.Tensor) -> None:
-        """FIFO in samples: keep only the last M uploaded (z, y) of this client."""
+    def _aux_optimizer(self, head: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=self.ctx.config.aux_lr)
+
+    def upload(self, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
+        """Store the upload for the lazy server step, and in the client's FIFO buffer (the last M
+        uploaded samples, in the order this client sent them)."""
+        super().upload(client, arrays, info)
+        z, y = self.pending[client][-1]
         m = self.ctx.config.buffer_size
         if client in self.buffers:
             bz, by = self.buffers[client]
             z, y = torch.cat([bz, z]), torch.cat([by, y])
-        self.buffers[client] = (z[-m:].detach(), y[-m:])
+        self.buffers[client] = (z[-m:], y[-m:])
+        return {}, {}
+
+    def upload_align(self, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
+        """An upload that triggers this client's alignment; the reply is the aligned aux."""
+        self.upload(client, arrays, info)
+        stats = self.align(client, int(info["round"]))
+        return {"aux_weights": module_weights(self._aux(client)[0])}, stats
 
     def true_gradients(self, client: int) -> torch.Tensor:
-        """Refresh: the server's per-sample cut-layer gradients on the buffer, with the current model."""
+        """Refresh: the server's per-sample cut-layer gradients on the buffer, with the current model
+        (batch statistics, like the client's uploads saw; running statistics left unchanged)."""
         z, y = self.buffers[client]
-        self.model.train()  # as the reference code: batch statistics, like the client's uploads saw
-        g = cut_gradient(self.model, z, y)
-        self.model.zero_grad(set_to_none=True)
+        self.model.train()
+        with preserved_buffers(self.model):
+            g = cut_gradient(self.model, z, y)
         return g.detach()
 
-    def alignment_quality(self, client: int) -> dict:
-        """Cosine similarity and MSE between the aux's and the server's cut-layer gradients."""
-        z, y = self.buffers[client]
-        g, g_hat = self.true_gradients(client), cut_gradient(self._aux(client)[0], z, y).detach()
+    def _quality(self, head: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> tuple[float, float]:
+        """(cosine, MSE) between the aux's and the server's gradients: telemetry, so not counted
+        as server work and leaving the aux's buffers as they were."""
+        with off_device(), preserved_buffers(head):
+            g_hat = cut_gradient(head, z, y).detach()
         cos = F.cosine_similarity(g_hat.flatten(1), g.flatten(1), dim=1).mean()
-        return {"cosine": float(cos), "mse": float(F.mse_loss(g_hat, g))}
+        return float(cos), float(F.mse_loss(g_hat, g))
 
-    def align(self, clients: list[int], rnd: int) -> dict:
-        """Align each client's aux to the server (if it uploaded anything); return the aux weights."""
-        cfg, out, quality = self.ctx.config, {}, []
-        for c in sorted(clients):
-            head, opt = self._aux(c)
-            if c in self.buffers:
-                z, y = self.buffers[c]
-                g = self.true_gradients(c)
-                gen = torch_gen(self.ctx.blueprint.seed, "align", rnd, c)
-                head.train()
-                for _ in range(cfg.align_epochs):
-                    perm = torch.randperm(len(y), generator=gen)
-                    for i in range(0, len(y), cfg.align_batch_size):
-                        b = perm[i: i + cfg.align_batch_size]
-                        g_hat = cut_gradient(head, z[b], y[b], create_graph=True)  # second order
-                        loss = F.mse_loss(g_hat, g[b], reduction="sum")
-                        opt.zero_grad()
-                        loss.backward()
-                        opt.step()
-                quality.append(self.alignment_quality(c)["cosine"])
-            out[c] = module_weights(head)
-        return {"aux": out, "align_cosine": sum(quality) / len(quality) if quality else None}
-
-    def aux_weights(self, clients: list[int]) -> dict:
-        return {c: module_weights(self._aux(c)[0]) for c in clients}
+    def align(self, client: int, rnd: int) -> dict:
+        """Train this client's aux so that its cut-layer gradient matches the server's on the
+        client's buffer (MSE, sum reduction, second-order autograd)."""
+        cfg = self.ctx.config
+        head, opt = self._aux(client)
+        if not self.ctx.blueprint.persist_optimizers:
+            opt = self._aux_optimizer(head)
+            self.aux[client] = (head, opt)
+        z, y = self.buffers[client]
+        g = self.true_gradients(client)
+        cos0, mse0 = self._quality(head, z, y, g)
+        gen = torch_gen(self.ctx.blueprint.seed, "align", rnd, client)
+        head.train()
+        for _ in range(cfg.align_epochs):
+            perm = torch.randperm(len(y), generator=gen)
+            for i in range(0, len(y), cfg.align_batch_size):
+                b = perm[i: i + cfg.align_batch_size]
+                g_hat = cut_gradient(head, z[b], y[b], create_graph=True)  # second order
+                loss = F.mse_loss(g_hat, g[b], reduction="sum")
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        cos1, mse1 = self._quality(head, z, y, g)
+        return {"cosine_before": cos0, "cosine": cos1, "mse_before": mse0, "mse": mse1, "samples": int(len(y))}
 
 
 class FSLSAGE(AuxHeadMixin, Algorithm):
     name = "fsl_sage"
+    _aux_init: dict | None = None
     config_cls = FSLSAGEConfig
     server_cls = SageServer
 
     def init_global(self, parts: ModelParts) -> None:
         self.global_device = module_weights(parts.device)
-        self.global_has_aux: set[int] = set()
+
+    def align_due(self, rnd: int) -> bool:
+        """Alignment rounds: 1, 1 + l, 1 + 2l, ... (the reference's t % l == 0 with t from 0)."""
+        return (rnd - 1) % self.config.align_every == 0
 
     def client_program(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:
         device, aux = ctx.parts.device, self.aux_module(ctx.parts)
+        if self._aux_init is None:
+            self._aux_init = module_weights(aux)  # the estimator every client starts from
         load_weights(device, down["weights"])
-        if "aux_weights" in down:  # an aligned estimator arrived: the device keeps it
-            ctx.state["aux_weights"] = {k: v.copy() for k, v in down["aux_weights"].items()}
-        load_weights(aux, ctx.state["aux_weights"])
+        # A client aligns on an alignment round, or on its first round if it has no estimator yet.
+        align = self.align_due(ctx.round) or "aux_weights" not in ctx.state
+        load_weights(aux, ctx.state.get("aux_weights", self._aux_init))
         aux.requires_grad_(False)  # the device never trains the estimator
         ctx.on_device(aux)
         device.train(), aux.train()
         opt = ctx.optimizer([device])
         loss_sum, count, k_total = 0.0, 0, ctx.num_batches()
+        info: dict = {"num_samples": ctx.num_samples}
         for epoch in range(ctx.train.local_epochs):
             for k, (x, y) in enumerate(ctx.batches(epoch)):
                 z = device(x)  # (B, *act_shape) smashed activations
                 if upload_batches(k + epoch * k_total, k_total * ctx.train.local_epochs,
                                   self.config.upload_every, self.config.upload_phase):
-                    ctx.link.call("upload", {"activations": z, "labels": y})
+                    if align:
+                        reply, stats = ctx.link.call("upload_align", {"activations": z, "labels": y},
+                                                     {"round": ctx.round})
+                        # The aligned estimator arrived: the device keeps it until the next one.
+                        ctx.state["aux_weights"] = {n: v.copy() for n, v in reply["aux_weights"].items()}
+                        load_weights(aux, ctx.state["aux_weights"])
+                        info["align"], align = stats, False
+                    else:
+                        ctx.link.call("upload", {"activations": z, "labels": y})
                 # Backprop through the frozen aux = applying its estimate of the server's cut gradient.
                 loss = task_loss(aux(z), y)
                 opt.zero_grad()
@@ -158,19 +204,15 @@ class FSLSAGE(AuxHeadMixin, Algorithm):
                 opt.step()
                 loss_sum += float(loss.detach()) * len(y)
                 count += len(y)
-        return {"weights": module_weights(device)}, {"num_samples": ctx.num_samples, "loss_sum": loss_sum,
-                                                     "loss_count": count}
+        info.update(loss_sum=loss_sum, loss_count=count)
+        return {"weights": module_weights(device)}, info
 
     def run_round(self, rt: RoundRuntime, rnd: int, clients: list[int]) -> RoundSummary:
-        extra: dict = {"aligned": False}
-        if (rnd - 1) % self.config.align_every == 0:
-            res = rt.server("align", clients, rnd)
-            aux, extra = res["aux"], {"aligned": True, "align_cosine": res["align_cosine"]}
-        else:  # only clients that never received an estimator need one now
-            aux = rt.server("aux_weights", [c for c in clients if c not in self.global_has_aux])
-        self.global_has_aux |= set(aux)
-        replies = rt.clients(clients, {"weights": self.global_device},
-                             per_client={c: {"aux_weights": w} for c, w in aux.items()})
+        replies = rt.clients(clients, {"weights": self.global_device})
+        stats = [r.info["align"] for r in replies if "align" in r.info]
+        extra: dict = {"aligned": bool(stats), "aligned_clients": len(stats)}
+        for key in ("cosine_before", "cosine", "mse_before", "mse"):
+            extra[f"align_{key}"] = sum(s[key] for s in stats) / len(stats) if stats else None
         extra.update(rt.server("train_uploads", client_order(self.blueprint.seed, rnd, clients)))
         self.global_device = fedavg_replies(replies, "weights", self.config.weighted)
         return RoundSummary(extra=extra)

@@ -26,11 +26,18 @@ Where the paper is silent or the system differs, this file chooses:
   instead (the server's side of a multicast, the paper's Table 6 accounting).
 - The phase is a fraction of `total_rounds`, by default `stop.rounds` (the planned length; a
   run cut short by a budget or a target keeps the planned schedule). A round is one pass over each client's data, the paper's epoch.
-- Evaluation needs one device block (the paper does not say which): the device block of the
-  round's first (lowest-id) client, or the mean of the round's clients' blocks. Fetching it is
+- Evaluation needs one device block (the paper does not say which): by default the mean of the
+  round's clients' blocks (the row's `eval_model` says so), or the round's first (lowest-id)
+  client's block. Fetching it is
   evaluation bookkeeping, returned as telemetry and not counted: training moves no weights.
 - Every client starts from the same initial device block (the shared seed plays the
   broadcast); client optimizers persist across rounds, like the server's.
+- The default schedule is the official code's (`schedule: official`); the paper's Table 2 cell
+  and plain PSL are offered by name, any other setting as `custom`.
+- A client's forward and backward are separate programs (the server step sits between them);
+  its device memory is measured over its whole round as one (ClientContext.continue_measuring),
+  so the peak sees the saved activations, the gradients kept from the previous iteration and
+  the optimizer state together, as a device running the loop would hold them.
 """
 
 from __future__ import annotations
@@ -39,11 +46,11 @@ import copy
 import itertools
 import logging
 import math
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from sfl_ray.models.task import task_loss
 from sfl_ray.algorithms.common import SplitConfigMixin, weighted_average
@@ -56,24 +63,60 @@ from sfl_ray.seeding import np_rng
 log = logging.getLogger("sfl_ray.sglr")
 
 
+# Named schedules: (alpha, phi, averaging_fraction_of_training, averaging_phase).
+SCHEDULES = {
+    # The official code's README command: --lr_pow 1.0 --comm_flag 0.6; while epoch < comm_flag x
+    # epochs every worker gets the averaged gradient (phi = 1), afterwards its own slice.
+    "official": (1.0, 1.0, 0.6, "initial"),
+    # The paper's Table 2 best cell (C=20): SplitLr alpha=0.5 and SplitAvg with phi=0.5 throughout.
+    "table2": (0.5, 0.5, 1.0, "initial"),
+    # Parallel split learning (PSL, SGLR's baseline): no SplitLr, no SplitAvg.
+    "psl": (0.0, 0.0, 0.0, "initial"),
+}
+_KNOBS = ("alpha", "phi", "averaging_fraction_of_training", "averaging_phase")
+
+
 class SGLRConfig(SplitConfigMixin):
     name: Literal["sglr"] = Field("sglr", description="SGLR: parallel split learning with SplitLr and SplitAvg.")
-    alpha: float = Field(0.5, ge=0, description="SplitLr power: server lr = client lr x N^alpha (0 = no SplitLr).")
-    phi: float = Field(0.5, ge=0, le=1, description="Fraction of clients whose cut gradients are averaged "
-                       "(resampled every iteration); 0 = no SplitAvg.")
-    averaging_fraction_of_training: float = Field(
-        0.6, ge=0, le=1, description="Share of total_rounds during which SplitAvg is on (1 = always, 0 = never).")
-    averaging_phase: Literal["initial", "final"] = Field(
-        "initial", description="Whether the averaged rounds are the first or the last ones.")
+    schedule: Literal["official", "table2", "psl", "custom"] = Field(
+        "official", description="official: the official code (alpha=1, phi=1 during the initial 60% of rounds, "
+        "then each client's own gradient); table2: the paper's Table 2 best (alpha=0.5, phi=0.5 throughout); "
+        "psl: plain parallel split learning (alpha=0, phi=0); custom: alpha/phi/averaging_* as given (any of "
+        "them set alone implies custom, the others from official).")
+    alpha: Optional[float] = Field(None, ge=0, description="SplitLr power: server lr = client lr x N^alpha "
+                                   "(0 = no SplitLr); None = from the schedule.")
+    phi: Optional[float] = Field(None, ge=0, le=1, description="Fraction of clients whose cut gradients are "
+                                 "averaged (resampled every iteration); 0 = no SplitAvg; None = from the schedule.")
+    averaging_fraction_of_training: Optional[float] = Field(
+        None, ge=0, le=1, description="Share of total_rounds during which SplitAvg is on (1 = always, 0 = never); "
+        "None = from the schedule.")
+    averaging_phase: Optional[Literal["initial", "final"]] = Field(
+        None, description="Whether the averaged rounds are the first or the last ones; None = from the schedule.")
     total_rounds: int | None = Field(None, gt=0, description="Training length in rounds that the averaging "
                                      "fraction refers to; None = stop.rounds.")
     loss_reduction: Literal["mean_over_concat", "mean_per_client"] = Field(
         "mean_over_concat", description="mean_over_concat: one mean loss over the concatenated batch (official "
         "code; each slice is 1/N of a client's own mean-loss gradient); mean_per_client: each slice is the "
         "gradient of that client's own mean loss (the server's step is the same for equal batches).")
-    eval_model: Literal["client0", "mean"] = Field(
-        "client0", description="Device block evaluated: the round's first (lowest-id) client's, or the "
-        "mean of the round's clients' blocks (sample-weighted if `weighted`).")
+    eval_model: Literal["mean", "client0"] = Field(
+        "mean", description="Device block evaluated (the row's eval_model says which): the mean of the round's "
+        "clients' blocks (sample-weighted if `weighted`), or the round's first (lowest-id) client's block.")
+
+    @model_validator(mode="after")
+    def _resolve_schedule(self) -> "SGLRConfig":
+        given = {k for k in _KNOBS if getattr(self, k) is not None}
+        if "schedule" not in self.model_fields_set and given:
+            object.__setattr__(self, "schedule", "custom")
+        preset = dict(zip(_KNOBS, SCHEDULES.get(self.schedule, SCHEDULES["official"])))
+        if self.schedule != "custom":
+            for k in given:
+                if getattr(self, k) != preset[k]:
+                    raise ValueError(f"{k}={getattr(self, k)!r} differs from schedule {self.schedule!r} "
+                                     f"({k}={preset[k]!r}); use schedule=custom to choose it")
+        for k in _KNOBS:
+            if getattr(self, k) is None:
+                object.__setattr__(self, k, preset[k])
+        return self
 
 
 class SGLRServer(ServerProgram):
@@ -146,8 +189,8 @@ class SGLR(Algorithm):
                 iterations, server_sent = iterations + 1, server_sent + sent
         self.global_device = self.eval_device(rt, clients)
         return RoundSummary(train_loss=loss_sum / count, phase="splitavg" if averaging else "own_gradients",
-                            extra={"server_lr": server_lr, "iterations": iterations,
-                                   "server_gradient_send_bytes": server_sent})
+                            extra={"server_lr": server_lr, "iterations": iterations, "phi": cfg.phi if averaging else 0.0,
+                                   "server_gradient_send_bytes": server_sent, "eval_model": cfg.eval_model})
 
     def averaging_in(self, rnd: int) -> bool:
         """Whether round `rnd` (from 1) lies in the SplitAvg phase."""
@@ -207,6 +250,7 @@ class SGLR(Algorithm):
             st["model"] = copy.deepcopy(ctx.parts.device)
         st["batches"] = itertools.chain.from_iterable(ctx.batches(e) for e in range(ctx.train.local_epochs))
         st["left"] = ctx.num_batches() * ctx.train.local_epochs
+        ctx.continue_measuring()  # one memory peak for the client's whole round
         return {}, {"batches_per_epoch": ctx.num_batches(), "num_samples": ctx.num_samples}
 
     def sglr_forward(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:
@@ -218,23 +262,23 @@ class SGLR(Algorithm):
         x, y = next(st["batches"])
         z = model(x)
         st["pending"] = z
+        ctx.continue_measuring()
         return {"activations": z, "labels": y}, {}
 
     def sglr_backward(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:
         """Backpropagate the received cut gradient through this client's block and step."""
         st = ctx.state
         z = st.pop("pending")
-        # A fresh optimizer (so its memory is measured) carrying the persistent state.
+        # The client's own optimizer, its state restored (and counted as device memory) by the runtime.
         opt = ctx.optimizer([st["model"]])
-        if "opt" in st:
-            opt.load_state_dict(st["opt"])
         opt.zero_grad()
         z.backward(to_tensor(down["gradients"], z.device))
         opt.step()
-        st["opt"] = opt.state_dict()
         st["left"] -= 1
         if st["left"] == 0:
             del st["batches"]
+        else:
+            ctx.continue_measuring()
         return {}, {}
 
     def sglr_weights(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:

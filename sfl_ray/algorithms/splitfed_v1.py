@@ -22,15 +22,23 @@ class SplitFedV1Config(SplitConfigMixin):
 
 
 class ReplicaServer(ServerProgram):
-    """Holds this round's server replicas, one per client it serves, each from the global weights."""
+    """Holds this round's server replicas, one per client it serves, each from the global weights.
+
+    A replica's weights restart from the average every round; its optimizer state (Adam moments,
+    momentum) is the client's own and carries over (train.optimizer_state=persist), as the
+    reference code keeps one optimizer per server copy for the whole run."""
 
     def __init__(self, ctx):
         super().__init__(ctx)
         self.base = ctx.build_parts().server
         self.replicas: dict[int, tuple] = {}
         self.global_weights: dict = module_weights(self.base)
+        self.opt_state: dict[int, dict] = {}
 
     def begin_round(self, global_weights: dict) -> None:
+        if self.ctx.blueprint.persist_optimizers:
+            for c, (_, opt) in self.replicas.items():
+                self.opt_state[c] = opt.state_dict()
         self.global_weights = global_weights
         self.replicas = {}
 
@@ -38,7 +46,10 @@ class ReplicaServer(ServerProgram):
         if client not in self.replicas:
             model = self.ctx.build_parts().server
             load_weights(model, self.global_weights)
-            self.replicas[client] = (model, self.ctx.optimizer([model]))
+            opt = self.ctx.optimizer([model])
+            if client in self.opt_state:
+                opt.load_state_dict(self.opt_state[client])
+            self.replicas[client] = (model, opt)
         return self.replicas[client]
 
     def train_step(self, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:

@@ -51,6 +51,11 @@ class MemoryTracker:
     def track_optimizer(self, opt: torch.optim.Optimizer) -> None:
         self.optimizers.append(opt)
 
+    def track_tensor(self, t: torch.Tensor) -> None:
+        """Count a tensor made outside the measured code (e.g. restored optimizer state) as live
+        while its storage lives; a storage already counted is not counted again."""
+        self._watch(t)
+
     # -- live tensors ---------------------------------------------------------------------
     def _watch(self, t: torch.Tensor) -> None:
         """Count a tensor's storage as live until the storage itself is freed (PyTorch keeps one

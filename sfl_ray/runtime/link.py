@@ -21,12 +21,15 @@ class Ledger:
 
     bytes: dict[tuple[str, str], int] = field(default_factory=dict)
     messages: dict[str, int] = field(default_factory=lambda: {UP: 0, DOWN: 0})
+    count_labels: bool = True  # False: the FSL-SAGE reference's accounting (labels move, uncounted)
 
     def record(self, direction: str, payload: Mapping[str, Any]) -> None:
         """Record one message carrying `payload` (kind -> arrays) in `direction`."""
         if not payload:
             return
         for kind, value in payload.items():
+            if kind == "labels" and not self.count_labels:
+                continue
             key = (direction, kind)
             self.bytes[key] = self.bytes.get(key, 0) + payload_nbytes(value)
         self.messages[direction] += 1
@@ -60,4 +63,12 @@ class Link:
         with off_device():
             reply, reply_info = self._endpoint.call(method, self.client, wire, dict(info or {}))
         self.ledger.record(DOWN, reply)
-        return {k: to_tensor(v) for k, v in reply.items()}, reply_info
+        return {k: _received(v) for k, v in reply.items()}, reply_info
+
+
+def _received(value: Any) -> Any:
+    """A reply value as the device uses it: arrays as tensors, state dicts (kind -> {name:
+    array}) as numpy arrays, ready for load_weights."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    return to_tensor(value)

@@ -60,6 +60,8 @@ class ClientPool:
         self.parts.device.to(self.device)
         self.parts.server.to(self.device)
         self.state: dict[int, dict] = {c: {} for c in self.shards}
+        # A client whose program continues in its next call keeps one memory tracker across them.
+        self._open_trackers: dict[int, MemoryTracker] = {}
 
     def ping(self) -> dict:
         """Where this pool runs (for placement checks and health)."""
@@ -70,15 +72,18 @@ class ClientPool:
         endpoint: Optional[ServerEndpoint] = None
         if self.servers:
             endpoint = self.servers[client % len(self.servers)]
-        ledger = Ledger()
+        ledger = Ledger(count_labels=self.blueprint.count_labels)
         ledger.record(DOWN, down)
-        tracker = MemoryTracker()
+        tracker = self._open_trackers.pop(client, None) or MemoryTracker()
         ctx = ClientContext(client, rnd, self.blueprint, self.parts, self.data, self.shards[client],
                             Link(endpoint, client, ledger), self.state[client], tracker, self.device)
         reply = ClientReply(client=client)
         try:
             with measure_device(tracker, self.device) as cost:
                 up, info = getattr(self.algorithm, program)(ctx, down)
+            ctx.save_optimizers()
+            if ctx.keep_measuring:
+                self._open_trackers[client] = tracker
             up = pack(up)
             ledger.record(UP, up)
             reply.up, reply.info = up, dict(info)

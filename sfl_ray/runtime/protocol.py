@@ -40,6 +40,12 @@ class Blueprint:
     torch_threads: int = 1
     rounds: int = 0     # stop.rounds: the planned training length (phased schedules need it)
     model: Any = None   # the ModelConfig (transformer shape, LoRA)
+    count_labels: bool = True  # link.count_labels: whether labels count as link bytes
+
+    @property
+    def persist_optimizers(self) -> bool:
+        """train.optimizer_state: keep optimizer state (moments, momentum) across rounds."""
+        return getattr(self.train, "optimizer_state", "persist") == "persist"
 
     def build_parts(self) -> ModelParts:
         return build_parts(self.model_name, self.cut, self.in_shape, self.num_classes, self.seed, self.model)
@@ -79,6 +85,8 @@ class ClientContext:
         self.parts, self.link, self.state, self.device = parts, link, state, device
         self.config, self.train = blueprint.algorithm, blueprint.train
         self._data, self.indices, self._tracker = data, indices, tracker
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.keep_measuring = False
 
     @property
     def num_samples(self) -> int:
@@ -94,13 +102,45 @@ class ClientContext:
     def num_batches(self) -> int:
         return -(-self.num_samples // self.train.batch_size)
 
-    def optimizer(self, modules: Sequence[nn.Module], lr: Optional[float] = None) -> torch.optim.Optimizer:
-        """A fresh optimizer over the modules' parameters; its state counts as device memory."""
+    def optimizer(self, modules: Sequence[nn.Module], lr: Optional[float] = None,
+                  key: str = "device") -> torch.optim.Optimizer:
+        """This client's optimizer `key` over the modules' parameters.
+
+        With train.optimizer_state=persist (the default, as the reference codes) the state it
+        ended the client's previous program with (Adam moments, momentum buffers) is restored,
+        and the runtime stores it again when the program returns: it is client state, like the
+        weights. Under FedAvg a client's weights are replaced by the average while its moments
+        stay its own. The restored state counts as device memory, like state created by a first
+        step."""
         for m in modules:
             self._tracker.track_module(m)
         opt = self.blueprint.make_optimizer([p for m in modules for p in m.parameters() if p.requires_grad], lr)
+        saved_round, saved = self.state.get(f"optim/{key}", (None, None))
+        # reset: a fresh optimizer each round (a round may span several programs, e.g. SGLR's).
+        if saved is not None and (self.blueprint.persist_optimizers or saved_round == self.round):
+            opt.load_state_dict(saved)
+            for st in opt.state.values():  # restored by reference: count it as this program's memory
+                for t in st.values():
+                    if isinstance(t, torch.Tensor):
+                        self._tracker.track_tensor(t)
+            if lr is not None:
+                for group in opt.param_groups:
+                    group["lr"] = lr
         self._tracker.track_optimizer(opt)
+        self.optimizers[key] = opt
         return opt
+
+    def save_optimizers(self) -> None:
+        """Keep this program's optimizer state for the client's next program (runtime calls it)."""
+        for key, opt in self.optimizers.items():
+            self.state[f"optim/{key}"] = (self.round, opt.state_dict())
+        self.optimizers = {}
+
+    def continue_measuring(self) -> None:
+        """The client's next program continues this one (e.g. SGLR's backward after its forward):
+        its memory is measured as one, so the peak sees activations, gradients and optimizer
+        state together."""
+        self.keep_measuring = True
 
     def on_device(self, *modules: nn.Module) -> None:
         """Declare modules resident on the device (counted in peak memory) without an optimizer."""
