@@ -20,7 +20,8 @@ MIB = 1024 ** 2
 def make_blueprint(cfg: Any, data: ArrayDataset) -> Blueprint:
     return Blueprint(model_name=cfg.model.name, cut=cfg.model.cut, in_shape=data.input_shape,
                      num_classes=data.num_classes, seed=cfg.seed, train=cfg.train, algorithm=cfg.algorithm,
-                     torch_threads=cfg.cluster.torch_threads, rounds=cfg.stop.rounds, model=cfg.model)
+                     torch_threads=cfg.cluster.torch_threads, rounds=cfg.stop.rounds, model=cfg.model,
+                     augment=cfg.data.augment)
 
 
 def format_progress(p: dict) -> str:

@@ -40,6 +40,7 @@ class Blueprint:
     torch_threads: int = 1
     rounds: int = 0     # stop.rounds: the planned training length (phased schedules need it)
     model: Any = None   # the ModelConfig (transformer shape, LoRA)
+    augment: str = "none"  # data.augment, on client training batches
 
     def build_parts(self) -> ModelParts:
         return build_parts(self.model_name, self.cut, self.in_shape, self.num_classes, self.seed, self.model)
@@ -88,7 +89,7 @@ class ClientContext:
         """This client's shuffled mini-batches for one local epoch (order from seed, round, client)."""
         x, y = self._data
         for xb, yb in client_batches(x, y, self.indices, self.train.batch_size, self.blueprint.seed,
-                                     self.round, self.client, epoch):
+                                     self.round, self.client, epoch, self.blueprint.augment):
             yield xb.to(self.device), yb.to(self.device)
 
     def num_batches(self) -> int:
