@@ -36,9 +36,12 @@ class TransformerConfig(Section):
 
 
 class ModelConfig(Section):
-    name: Literal["cnn", "resnet18", "vgg11", "gpt2", "vit"] = Field("cnn", description="Architecture from the model zoo.")
+    name: Literal["cnn", "simple_conv", "resnet18", "vgg11", "gpt2", "vit"] = Field(
+        "cnn", description="Architecture from the model zoo.")
     cut: Optional[str] = Field(None, description="CNNs: last layer of the device block; transformers: blockK "
                                "(the device keeps the first K blocks); None = the model's default cut.")
+    stem: Literal["cifar", "imagenet"] = Field("cifar", description="resnet18: cifar = 3x3 conv, no max-pool; "
+                                               "imagenet = torchvision's 7x7/2 conv + BN + ReLU + 3x3/2 max-pool.")
     transformer: TransformerConfig = Field(TransformerConfig(), description="gpt2 / vit: shape or pretrained weights.")
     lora: Optional[LoRAConfig] = Field(None, description="gpt2 / vit: LoRA adapters on device, server and aux "
                                        "blocks; everything else frozen and never exchanged.")
@@ -59,6 +62,8 @@ class DataConfig(Section):
     tokenizer: Optional[str] = Field(None, description="Text: a GPT-2 tokenizer folder (vocab.json + merges.txt or "
                                      "tokenizer.json) or hub name; None = the copy built into the package.")
     max_length: int = Field(128, gt=8, description="Text: tokens per example (truncated, right-padded).")
+    augment: Literal["none", "crop_flip"] = Field("none", description="Client training batches only: crop_flip = "
+                                                  "random crop (zero padding 4) + horizontal flip, per sample.")
 
 
 class PartitionConfig(Section):

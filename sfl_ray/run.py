@@ -50,6 +50,9 @@ def prepare(cfg):
         raise ConfigError("algorithm.server_trainer", "ray_train", "needs cluster.backend=ray (or use 'actor')")
     data = load_source(cfg.data)
     from sfl_ray.config_base import ConfigError
+    if cfg.data.augment != "none" and (data.task != "classification" or len(data.input_shape) != 3):
+        raise ConfigError("data.augment", cfg.data.augment, f"needs images (C, H, W); {cfg.data.name} gives "
+                          f"{data.task} inputs of shape {data.input_shape}: use none")
     keys, n_keys = data.train_y, data.num_classes
     if cfg.partition.field is not None or (data.task == "lm" and cfg.partition.name != "iid"):
         field = cfg.partition.field

@@ -43,7 +43,7 @@ class AuxHeadMixin:
         if self._aux_module is None:
             bp = self.blueprint
             self._aux_module = build_aux(self.config.aux, parts.act_shape, bp.num_classes, bp.seed,
-                                         parts.aux_factory).to(parts.device_of())
+                                         parts.aux_factory, server=parts.server).to(parts.device_of())
         return self._aux_module
 
 

@@ -88,7 +88,7 @@ class SageServer(BufferedServer):
         if client not in self.aux:
             bp = self.ctx.blueprint
             head = build_aux(self.ctx.config.aux, self.parts.act_shape, bp.num_classes, bp.seed,
-                             self.parts.aux_factory).to(self.ctx.device)
+                             self.parts.aux_factory, server=self.parts.server).to(self.ctx.device)
             self.aux[client] = (head, self._aux_optimizer(head))
         return self.aux[client]
 

@@ -7,7 +7,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from sfl_ray.seeding import np_rng
+from sfl_ray.data.augment import augment_batch
+from sfl_ray.seeding import np_rng, torch_gen
 
 
 def batch_indices(indices: np.ndarray, batch_size: int, seed: int, rnd: int, client: int,
@@ -18,7 +19,11 @@ def batch_indices(indices: np.ndarray, batch_size: int, seed: int, rnd: int, cli
 
 
 def client_batches(x: np.ndarray, y: np.ndarray, indices: np.ndarray, batch_size: int, seed: int,
-                   rnd: int, client: int, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (x, y) tensors for one local epoch of one client."""
-    for b in batch_indices(indices, batch_size, seed, rnd, client, epoch):
-        yield torch.from_numpy(x[b]), torch.from_numpy(y[b])
+                   rnd: int, client: int, epoch: int = 0,
+                   augment: str = "none") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x, y) tensors for one local epoch of one client, augmented (training batches only)."""
+    for k, b in enumerate(batch_indices(indices, batch_size, seed, rnd, client, epoch)):
+        xb = torch.from_numpy(x[b])
+        if augment != "none":
+            xb = augment_batch(xb, augment, torch_gen(seed, "augment", rnd, client, epoch, k))
+        yield xb, torch.from_numpy(y[b])

@@ -1,4 +1,6 @@
-"""ResNet-18, CIFAR variant (3x3 stem, no max-pool), flattened into named top-level layers."""
+"""ResNet-18 flattened into named top-level layers, with either stem:
+cifar (3x3 conv, no max-pool) or imagenet (torchvision's 7x7/2 conv and 3x3/2 max-pool, as the
+SFL papers use on 32x32 CIFAR)."""
 
 from collections import OrderedDict
 
@@ -26,14 +28,20 @@ def _stage(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1))
 
 
-def resnet18(in_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
-    c = in_shape[0]
-    return nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv2d(c, 64, 3, 1, 1, bias=False)),
-        ("bn1", nn.BatchNorm2d(64)),
-        ("relu", nn.ReLU()),
+STEMS = ("cifar", "imagenet")
+
+
+def _stem(c: int, stem: str) -> list[tuple[str, nn.Module]]:
+    if stem == "imagenet":  # 32x32 -> 8x8 before layer1
+        return [("conv1", nn.Conv2d(c, 64, 7, 2, 3, bias=False)), ("bn1", nn.BatchNorm2d(64)),
+                ("relu", nn.ReLU()), ("maxpool", nn.MaxPool2d(3, 2, 1))]
+    return [("conv1", nn.Conv2d(c, 64, 3, 1, 1, bias=False)), ("bn1", nn.BatchNorm2d(64)), ("relu", nn.ReLU())]
+
+
+def resnet18(in_shape: tuple[int, ...], num_classes: int, stem: str = "cifar") -> nn.Sequential:
+    return nn.Sequential(OrderedDict(_stem(in_shape[0], stem) + [
         ("layer1", _stage(64, 64, 1)),
-        ("layer2", _stage(64, 128, 2)),      # (B, 128, H/2, W/2): the default cut
+        ("layer2", _stage(64, 128, 2)),      # the default cut: (B, 128, H/2, W/2); imagenet stem (B, 128, H/8, W/8)
         ("layer3", _stage(128, 256, 2)),
         ("layer4", _stage(256, 512, 2)),
         ("pool", nn.AdaptiveAvgPool2d(1)),

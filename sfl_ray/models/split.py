@@ -11,22 +11,37 @@ import torch
 import torch.nn as nn
 
 from sfl_ray.config_base import ConfigError
-from sfl_ray.models import cnn, resnet, vgg
+from sfl_ray.models import cnn, resnet, simple_conv, vgg
 from sfl_ray.seeding import derive_seed, seeded_torch
 
-REGISTRY: dict[str, tuple[Callable[[tuple[int, ...], int], nn.Sequential], str]] = {
+REGISTRY: dict[str, tuple[Callable[..., nn.Sequential], str]] = {
     "cnn": (cnn.cnn, cnn.DEFAULT_CUT),
+    "simple_conv": (simple_conv.simple_conv, simple_conv.DEFAULT_CUT),
     "resnet18": (resnet.resnet18, resnet.DEFAULT_CUT),
     "vgg11": (vgg.vgg11, vgg.DEFAULT_CUT),
 }
 
 
-def build_model(name: str, in_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Sequential:
+# Models that take `model.stem`, and the stems each accepts.
+STEMS: dict[str, tuple[str, ...]] = {"resnet18": resnet.STEMS}
+
+
+def check_stem(name: str, stem: str) -> None:
+    """Only ResNet-18 has a choice of stem; anything but the default elsewhere is an error."""
+    if stem != "cifar" and stem not in STEMS.get(name, ()):
+        raise ConfigError("model.stem", stem, f"only {', '.join(STEMS)} takes a stem other than cifar "
+                          f"({name} has one fixed stem); drop model.stem or use model.name=resnet18")
+
+
+def build_model(name: str, in_shape: tuple[int, ...], num_classes: int, seed: int,
+                stem: str = "cifar") -> nn.Sequential:
     """The whole (unsplit) model, initialised from the derived seed."""
     if name not in REGISTRY:
         raise ConfigError("model.name", name, f"allowed: {', '.join(REGISTRY)}")
+    check_stem(name, stem)
+    kwargs = {"stem": stem} if name in STEMS else {}
     with seeded_torch(seed, "model_init"):
-        return REGISTRY[name][0](tuple(in_shape), num_classes)
+        return REGISTRY[name][0](tuple(in_shape), num_classes, **kwargs)
 
 
 def split_model(model: nn.Sequential, cut: str) -> tuple[nn.Sequential, nn.Sequential]:
@@ -77,10 +92,13 @@ class ModelParts:
 
 def build_parts(name: str, cut: Optional[str], in_shape: tuple[int, ...], num_classes: int, seed: int,
                 model_cfg=None) -> ModelParts:
-    """Build a model and cut it; `cut=None` uses the model's default cut."""
+    """Build a model and cut it; `cut=None` uses the model's default cut. `model_cfg` (the
+    ModelConfig) gives the stem and transformer settings; None = defaults."""
+    stem = getattr(model_cfg, "stem", "cifar")
     if name in ("gpt2", "vit"):
+        check_stem(name, stem)
         return _build_transformer(name, cut, tuple(in_shape), num_classes, seed, model_cfg)
-    model = build_model(name, in_shape, num_classes, seed)
+    model = build_model(name, in_shape, num_classes, seed, stem)
     cut = cut or REGISTRY[name][1]
     device, server = split_model(model, cut)
     return ModelParts(device, server, cut, activation_shape(device, in_shape))

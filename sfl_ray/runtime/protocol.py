@@ -41,6 +41,7 @@ class Blueprint:
     rounds: int = 0     # stop.rounds: the planned training length (phased schedules need it)
     model: Any = None   # the ModelConfig (transformer shape, LoRA)
     count_labels: bool = True  # link.count_labels: whether labels count as link bytes
+    augment: str = "none"  # data.augment, on client training batches
 
     @property
     def persist_optimizers(self) -> bool:
@@ -96,7 +97,7 @@ class ClientContext:
         """This client's shuffled mini-batches for one local epoch (order from seed, round, client)."""
         x, y = self._data
         for xb, yb in client_batches(x, y, self.indices, self.train.batch_size, self.blueprint.seed,
-                                     self.round, self.client, epoch):
+                                     self.round, self.client, epoch, self.blueprint.augment):
             yield xb.to(self.device), yb.to(self.device)
 
     def num_batches(self) -> int:
