@@ -107,3 +107,22 @@ def test_refresh_and_telemetry_leave_the_server_unchanged_and_uncounted(run_dir)
     block.control("align", 0, 2)
     assert block.pop_flops() == with_telemetry  # the telemetry's forward/backward were not counted
     assert all(torch.equal(before[k], v) for k, v in server.model.state_dict().items())
+
+
+def test_accuracy_does_not_fall_after_an_alignment_on_the_quickstart_job(tmp_path):
+    """The issue's job (quickstart with fsl_sage) up to one round past the second alignment:
+    with the default (linear) estimator, aligned from round 1, the realignment of round 11 does
+    not undo the training (the conv estimator used to collapse there)."""
+    from sfl_ray.config import load_config
+
+    cfg = load_config("jobs/quickstart.yaml", [
+        "algorithm.name=fsl_sage", "cluster.backend=local", "stop.target_metric=null", "stop.rounds=12",
+        f"output.dir={tmp_path}", "output.progress=false"])
+    assert cfg.algorithm.aux.kind == "linear" and cfg.algorithm.align_every == 10
+    coord, _ = local_coordinator(cfg)
+    coord.run()
+    rows = coord.writer.rows
+    acc = {r["round"]: r["eval_accuracy"] for r in rows}
+    assert rows[10]["aligned_clients"] == 10 and rows[10]["align_cosine"] > 0.9
+    assert acc[11] >= acc[10] and acc[12] >= acc[10], acc
+    assert max(acc.values()) >= 0.8, acc
