@@ -1,7 +1,7 @@
 """The papers' LLM setting in miniature: LoRA fine-tuning of a pretrained GPT-2 on E2E, split
 after block k, under SplitFed v2, CSE-FSL, FSL-SAGE and HERON-SFL at equal rounds.
 
-    python bench/gpt2_lora_compare.py [--e2e ../shared/data/e2e] [--pretrain-steps 300] [--rounds 3]
+    python bench/gpt2_lora_compare.py --e2e FOLDER [--pretrain-steps 300] [--rounds 3]
 
 No pretrained GPT-2 weights are available offline, so step 1 pretrains a tiny GPT-2 (the
 `jobs/gpt2_e2e_tiny.yaml` shape, real GPT-2 tokenizer) centrally as a plain language model on
@@ -95,7 +95,7 @@ def curves(out: Path, algorithms: list[str]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--e2e", default="../shared/data/e2e", help="a folder of the E2E csv files")
+    ap.add_argument("--e2e", required=True, help="a folder of the E2E csv release (trainset.csv, devset.csv)")
     ap.add_argument("--pretrain-rows", default="8000:20000", help="E2E training rows to pretrain on")
     ap.add_argument("--pretrain-steps", type=int, default=250)
     ap.add_argument("--lr", type=float, default=0.005, help="fine-tuning (LoRA) learning rate")
