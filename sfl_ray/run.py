@@ -34,7 +34,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def prepare(cfg):
     """Everything that can be checked before any actor starts: the algorithm, the data, the
-    partition, the model and its cut. Raises ConfigError."""
+    partition, the model, its cut and the auxiliary head. Raises ConfigError."""
     from sfl_ray.algorithms import get_algorithm
     from sfl_ray.data import label_histograms, load_source, partition
     from sfl_ray.models.split import build_parts
@@ -64,7 +64,11 @@ def prepare(cfg):
     shards = partition(keys, cfg.partition, cfg.train.num_clients, cfg.seed)
     if min(len(s) for s in shards) == 0:
         raise ConfigError("train.num_clients", cfg.train.num_clients, "some clients would hold no samples")
-    build_parts(cfg.model.name, cfg.model.cut, data.input_shape, data.num_classes, cfg.seed, cfg.model)
+    parts = build_parts(cfg.model.name, cfg.model.cut, data.input_shape, data.num_classes, cfg.seed, cfg.model)
+    aux_cfg = getattr(cfg.algorithm, "aux", None)
+    if aux_cfg is not None:  # as every process will build it: its errors (budget, nothing to train) come now
+        from sfl_ray.models.aux import build_aux
+        build_aux(aux_cfg, parts.act_shape, data.num_classes, cfg.seed, parts.aux_factory)
     hist = label_histograms(keys, shards, n_keys) if keys.ndim == 1 else None
     return algorithm_cls, data, shards, hist
 

@@ -20,13 +20,16 @@ are the device block's and the server block's own parameters.
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
 
 from sfl_ray.config_base import ConfigError
 from sfl_ray.seeding import seeded_torch
+
+if TYPE_CHECKING:
+    from sfl_ray.models.lora import LoRAConfig
 
 
 def parse_cut(cut: Optional[str], n_layer: int, default: int) -> int:
@@ -104,6 +107,30 @@ class ViTHead(nn.Module):
         for layer in self.layers:
             h = layer(h, None)
         return self.classifier(self.layernorm(h)[:, 0])
+
+
+def lora_aux(aux: nn.Module, lora: LoRAConfig, seed: int) -> None:
+    """LoRA on an auxiliary head built by an `aux_factory` here, in place; everything else frozen.
+
+    Blocks get adapters on `lora.target_modules` (blocks copied from the adapted server keep
+    theirs). GPT-2's head with no blocks (the `linear` aux) adapts its LM head: it is a copy
+    of the frozen server's, so LoRA on it is the small thing left to train (A: r x H, B: V x r).
+    """
+    from sfl_ray.models.lora import LoRALinear, apply_lora
+
+    targets = list(lora.target_modules)
+    if isinstance(aux, GPT2Head) and len(aux.h) == 0:
+        targets.append("lm_head")
+    if not any(isinstance(m, LoRALinear) for m in aux.modules()):
+        try:
+            apply_lora(aux, lora.model_copy(update={"target_modules": targets}), seed)
+        except ValueError:
+            aux.requires_grad_(False)  # no target here; split.require_trainable refuses it if nothing trains
+    if isinstance(aux, ViTHead):
+        # The aux's classifier is fresh (num_classes outputs), not pretrained: a low-rank update of a
+        # random matrix has nothing to preserve, and the whole layer (H x classes) is about the size
+        # of its adapters (r x (H + classes)), so it trains whole, as peft's modules_to_save does.
+        aux.classifier.requires_grad_(True)
 
 
 def _quiet_loading() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -13,6 +13,9 @@ import torch.nn as nn
 from sfl_ray.config_base import ConfigError
 from sfl_ray.models import cnn, resnet, simple_conv, vgg
 from sfl_ray.seeding import derive_seed, seeded_torch
+
+if TYPE_CHECKING:
+    from sfl_ray.models.lora import LoRAConfig
 
 REGISTRY: dict[str, tuple[Callable[..., nn.Sequential], str]] = {
     "cnn": (cnn.cnn, cnn.DEFAULT_CUT),
@@ -72,7 +75,8 @@ class ModelParts:
     """The device block and server block of one model (and the cut's activation shape).
 
     `aux_factory(n_blocks, from_server, seed)`, for transformers, builds an auxiliary head of
-    n blocks + norm + output head (fresh, or copied from the server's first blocks)."""
+    n blocks + norm + output head (fresh, or copied from the server's first blocks); under LoRA
+    with adapters, frozen tensors tagged (see `_lora_aux_factory`)."""
 
     device: nn.Module
     server: nn.Module
@@ -123,20 +127,8 @@ def _build_transformer(name: str, cut: Optional[str], in_shape: tuple[int, ...],
         _, device, server, aux_factory, k = build_vit(tcfg, cut, in_shape, num_classes, seed)
         dummy = torch.zeros((1, *in_shape))
     if model_cfg.lora is not None:
-        from sfl_ray.models.lora import apply_lora
-        lora, plain_factory = model_cfg.lora, aux_factory
-        apply_lora(device, lora, derive_seed(seed, "lora_device"))
-        apply_lora(server, lora, derive_seed(seed, "lora_server"))
-        mark_frozen(device), mark_frozen(server)
-
-        def aux_factory(n_blocks: int, from_server: bool, aux_seed: int) -> nn.Module:
-            aux = plain_factory(n_blocks, from_server, aux_seed)
-            if not any(n.endswith("lora_A") for n, _ in aux.named_parameters()):
-                try:
-                    apply_lora(aux, lora, derive_seed(aux_seed, "lora_aux"))
-                except ValueError:
-                    return aux  # no adapter target in a norm+head aux: it trains whole
-            return mark_frozen(aux)
+        _lora_blocks(device, server, model_cfg.lora, seed)
+        aux_factory = _lora_aux_factory(aux_factory, model_cfg.lora)
     device.eval()
     with torch.no_grad():
         act_shape = tuple(device(dummy).shape[1:])
@@ -144,10 +136,46 @@ def _build_transformer(name: str, cut: Optional[str], in_shape: tuple[int, ...],
     return ModelParts(device, server, f"block{k}", act_shape, aux_factory)
 
 
+def _lora_blocks(device: nn.Module, server: nn.Module, lora: LoRAConfig, seed: int) -> None:
+    """Adapters on the device and server blocks, in place; the rest frozen and tagged."""
+    from sfl_ray.models.lora import apply_lora
+
+    for name, block in (("device", device), ("server", server)):
+        try:
+            apply_lora(block, lora, derive_seed(seed, f"lora_{name}"))
+        except ValueError as err:
+            raise ConfigError("model.lora.target_modules", lora.target_modules, f"{name} block: {err}") from None
+        mark_frozen(block)
+
+
+def _lora_aux_factory(plain: Callable[[int, bool, int], nn.Module],
+                      lora: LoRAConfig) -> Callable[[int, bool, int], nn.Module]:
+    """`plain` under LoRA: adapters as the blocks have them (see hf_transformers.lora_aux), the
+    rest frozen, tagged and never sent; an aux left with nothing to train is refused."""
+    from sfl_ray.models.hf_transformers import lora_aux
+
+    def aux_factory(n_blocks: int, from_server: bool, aux_seed: int) -> nn.Module:
+        aux = plain(n_blocks, from_server, aux_seed)
+        lora_aux(aux, lora, derive_seed(aux_seed, "lora_aux"))
+        require_trainable(aux, n_blocks, lora.target_modules)
+        return mark_frozen(aux)
+
+    return aux_factory
+
+
+def require_trainable(aux: nn.Module, n_blocks: int, targets: list[str]) -> None:
+    """An aux with nothing to train would be sent around (or trained) for nothing: refuse it."""
+    if not any(p.requires_grad for p in aux.parameters()):
+        raise ConfigError("algorithm.aux", f"{n_blocks} block(s) + norm + head",
+                          f"nothing in this aux trains under model.lora: target_modules={targets} match no "
+                          "layer of its blocks and its norm and head stay frozen; use algorithm.aux.kind=linear "
+                          "(LoRA on the output head) or target suffixes its blocks have (e.g. c_attn)")
+
+
 def mark_frozen(module: nn.Module) -> nn.Module:
     """Tag the parameters LoRA froze: they never change, so they are never exchanged or counted
-    (every process builds them identically from the seed or the pretrained weights)."""
+    (every process builds them identically from the seed or the pretrained weights). The tag is
+    set on every parameter, so a trainable one never carries a stale tag."""
     for p in module.parameters():
-        if not p.requires_grad:
-            p._sfl_frozen = True  # type: ignore[attr-defined]
+        p._sfl_frozen = not p.requires_grad  # type: ignore[attr-defined]
     return module
