@@ -156,3 +156,18 @@ def test_the_cli_refuses_it_before_any_run_starts(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("config error: algorithm.aux=")
     assert not (tmp_path / "refused").exists()  # nothing was written, nothing started
+
+
+def test_vit_server_classifier_trains_under_lora():
+    """The task head is new (random init): under LoRA it must train whole, not stay frozen."""
+    from sfl_ray.config import ModelConfig
+    from sfl_ray.models.split import build_parts
+    from sfl_ray.runtime.wire import module_weights
+
+    cfg = ModelConfig(name="vit", cut="block1", transformer={"n_layer": 2, "n_embd": 16, "n_head": 2},
+                      lora={"r": 2, "target_modules": ["query", "value", "q_proj", "v_proj"]})
+    parts = build_parts("vit", "block1", (3, 16, 16), 10, 0, cfg)
+    trainable = {n for n, p in parts.server.named_parameters() if p.requires_grad}
+    assert {"classifier.weight", "classifier.bias"} <= trainable
+    assert {"classifier.weight", "classifier.bias"} <= set(module_weights(parts.server))
+    assert not any("layernorm" in n for n in trainable)

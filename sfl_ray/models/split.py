@@ -145,6 +145,11 @@ def _lora_blocks(device: nn.Module, server: nn.Module, lora: LoRAConfig, seed: i
             apply_lora(block, lora, derive_seed(seed, f"lora_{name}"))
         except ValueError as err:
             raise ConfigError("model.lora.target_modules", lora.target_modules, f"{name} block: {err}") from None
+        classifier = getattr(block, "classifier", None)
+        if classifier is not None:
+            # ViT's classifier is new for the task (random, or re-created for num_labels): frozen it
+            # would never learn; it trains whole, as the aux's does (see hf_transformers.lora_aux).
+            classifier.requires_grad_(True)
         mark_frozen(block)
 
 
