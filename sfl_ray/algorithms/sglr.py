@@ -58,7 +58,8 @@ log = logging.getLogger("sfl_ray.sglr")
 
 class SGLRConfig(SplitConfigMixin):
     name: Literal["sglr"] = Field("sglr", description="SGLR: parallel split learning with SplitLr and SplitAvg.")
-    alpha: float = Field(0.5, ge=0, description="SplitLr power: server lr = client lr x N^alpha (0 = no SplitLr).")
+    alpha: float = Field(0.5, ge=0, le=4, description="SplitLr power: server lr = client lr x N^alpha (0 = no "
+                         "SplitLr; at most 4: beyond, the server lr is absurd and N^alpha soon overflows).")
     phi: float = Field(0.5, ge=0, le=1, description="Fraction of clients whose cut gradients are averaged "
                        "(resampled every iteration); 0 = no SplitAvg.")
     averaging_fraction_of_training: float = Field(
