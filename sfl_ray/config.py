@@ -7,20 +7,28 @@ Each component owns its section; the algorithm section is a union discriminated 
 from __future__ import annotations
 
 import copy
+import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from sfl_ray.algorithms import algorithm_config_classes
-from sfl_ray.config_base import ConfigError, Section
+from sfl_ray.config_base import MAX_RATE, ConfigError, Section
+from sfl_ray.metrics.keys import ROW_METRICS
 from sfl_ray.models.lora import LoRAConfig
 
 AlgorithmConfig = Annotated[
     Union[tuple(algorithm_config_classes())],  # type: ignore[misc]
     Field(discriminator="name"),
 ]
+
+
+def _expand_home(path: Optional[str]) -> Optional[str]:
+    # ~/data would otherwise be a folder literally named "~" (and never found).
+    return os.path.expanduser(path) if path is not None and path.startswith("~") else path
 
 
 class TransformerConfig(Section):
@@ -33,6 +41,11 @@ class TransformerConfig(Section):
     patch_size: int = Field(4, gt=0, description="ViT: patch size in pixels.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout everywhere (0 keeps runs bit-reproducible).")
     attention: Literal["sdpa", "eager"] = Field("sdpa", description="Attention implementation.")
+
+    @field_validator("pretrained")
+    @classmethod
+    def _home(cls, v: Optional[str]) -> Optional[str]:
+        return _expand_home(v)
 
 
 class ModelConfig(Section):
@@ -65,6 +78,11 @@ class DataConfig(Section):
     augment: Literal["none", "crop_flip"] = Field("none", description="Client training batches only: crop_flip = "
                                                   "random crop (zero padding 4) + horizontal flip, per sample.")
 
+    @field_validator("path", "tokenizer")
+    @classmethod
+    def _home(cls, v: Optional[str]) -> Optional[str]:
+        return _expand_home(v)
+
 
 class PartitionConfig(Section):
     name: Literal["iid", "dirichlet", "shards"] = Field("iid", description="How samples are split across clients.")
@@ -80,13 +98,14 @@ class TrainConfig(Section):
         1.0, gt=0, description="Clients sampled per round: an int, or a fraction in (0, 1]."
     )
     batch_size: int = Field(32, gt=0, description="Mini-batch size on every client.")
-    lr: float = Field(0.05, gt=0, description="Learning rate (client and server unless an algorithm says otherwise).")
+    lr: float = Field(0.05, gt=0, le=MAX_RATE, description="Learning rate (client and server unless an algorithm "
+                      "says otherwise); at most 1e38, beyond which float32 cannot hold it.")
     optimizer: Literal["sgd", "adam"] = Field("sgd", description="Optimizer on clients and servers.")
     optimizer_state: Literal["persist", "reset"] = Field(
         "persist", description="persist: every client, aux and server replica keeps its optimizer state (Adam "
         "moments, momentum) across rounds, as the reference codes do; reset: a fresh optimizer every round.")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum.")
-    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
+    weight_decay: float = Field(0.0, ge=0, le=MAX_RATE, description="L2 weight decay (at most 1e38, as lr).")
     local_epochs: int = Field(1, gt=0, description="Passes over the local data per round.")
     eval_every: int = Field(1, gt=0, description="Evaluate the global model every N rounds (and at the end).")
     eval_batch_size: int = Field(500, gt=0, description="Batch size for evaluation.")
@@ -109,13 +128,15 @@ class ClusterConfig(Section):
     backend: Literal["ray", "local"] = Field("ray", description="ray: actors; local: one process, serial.")
     address: Optional[str] = Field(None, description="Ray address; None = the job's cluster, or a new local one.")
     num_pools: Optional[int] = Field(None, gt=0, description="Client pool actors; None = fit the cluster's CPUs.")
-    pool_cpus: float = Field(1.0, ge=0, description="CPUs reserved per client pool actor.")
+    pool_cpus: float = Field(1.0, gt=0, description="CPUs reserved per client pool actor (> 0: with 0 the "
+                             "cluster fit would start one pool per client).")
     client_gpus: float = Field(0.0, ge=0, le=1, description="GPU fraction per client pool actor (e.g. 0.25).")
     num_servers: int = Field(1, gt=0, description="Server block actors.")
     server_cpus: float = Field(1.0, ge=0, description="CPUs reserved per server block actor.")
     server_gpus: float = Field(0.0, ge=0, description="GPUs per server block actor (whole GPUs).")
     torch_threads: int = Field(1, gt=0, description="torch intra-op threads in every process (same on both backends).")
-    task_timeout_s: float = Field(1800.0, gt=0, description="Deadline for any single wait on a remote call.")
+    task_timeout_s: float = Field(1800.0, gt=0, le=1e7, description="Deadline for any single wait on a remote "
+                                  "call (at most 1e7 s: no wait needs more, and huge values overflow Ray's timers).")
     storage_path: Optional[str] = Field(None, description="Ray Train storage (checkpoints of server fits); "
                                         "None = a temp folder (single node); on a multi-node cluster a shared path or URI.")
 
@@ -150,9 +171,17 @@ class CostModelConfig(Section):
 
 
 class TargetMetric(Section):
-    name: str = Field("eval_accuracy", description="Metric key in metrics.jsonl.")
+    name: str = Field("eval_accuracy", description="Metric key in metrics.jsonl (one of ROW_METRICS).")
     value: float = Field(..., description="Stop once the metric reaches this value.")
     mode: Literal["max", "min"] = Field("max", description="max: stop when metric >= value; min: when <= value.")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        # A misspelt name would never be found in a row, and the run would silently go on to stop.rounds.
+        if v not in ROW_METRICS:
+            raise ValueError(f"not a metric a run writes; allowed: {', '.join(ROW_METRICS)}")
+        return v
 
 
 class StopConfig(Section):
@@ -167,9 +196,20 @@ class LinkConfig(Section):
 
 
 class OutputConfig(Section):
-    dir: str = Field("runs", description="Folder that holds run directories.")
-    name: Optional[str] = Field(None, description="Run directory name; None = <algorithm>-<data>-<model>-s<seed>.")
+    dir: str = Field("runs", min_length=1, description="Folder that holds run directories.")
+    name: Optional[str] = Field(None, description="Run directory name, a plain folder name (no '/', '\\' or "
+                                "'..'); None = <algorithm>-<data>-<model>-s<seed>.")
+    overwrite: bool = Field(False, description="Reuse an existing non-empty run directory: its old content is "
+                            "removed first. False = such a directory is refused.")
     progress: bool = Field(True, description="Show a progress line per round on the driver.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: Optional[str]) -> Optional[str]:
+        # The run directory must stay inside output.dir: no separators, no '..', nothing absolute.
+        if v is not None and (v in ("", ".") or "/" in v or "\\" in v or ".." in v or "\0" in v):
+            raise ValueError("a plain folder name inside output.dir (no '/', '\\', '..'; not empty)")
+        return v
 
 
 def _default_algorithm() -> Section:
@@ -197,9 +237,18 @@ class ExperimentConfig(Section):
         return f"{self.output.dir.rstrip('/')}/{self.run_name()}"
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, except that 1e-3 is a float (1.1 wants 1.0e-3, so it was the
+    string "1e-3", which strict validation then refuses)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
 def _parse_scalar(text: str) -> Any:
     """`--set` values are YAML scalars: 0.1 -> float, true -> bool, null -> None, [1,2] -> list."""
-    return yaml.safe_load(text) if text != "" else ""
+    return yaml.load(text, Loader=_Loader) if text != "" else ""
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -218,7 +267,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(nxt, dict):
                 raise ConfigError(key, value, f"'{p}' is a value, not a section")
             node = nxt
-        node[parts[-1]] = _parse_scalar(value)
+        try:
+            node[parts[-1]] = _parse_scalar(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(key, value, f"not a YAML value ({exc.__class__.__name__})") from None
     # Switching algorithm.name drops the previous algorithm's own keys, so that
     # `--set algorithm.name=X` alone always works.
     algo = out.get("algorithm")
@@ -228,12 +280,26 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return out
 
 
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _key(e: dict) -> str:
+    return ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and (p in _ALGO_TAGS or _is_type_tag(p))))
+
+
 def _first_error(err: ValidationError) -> ConfigError:
-    e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _ALGO_TAGS))
-    value = e.get("input")
-    msg = e["msg"]
-    if e["type"] == "extra_forbidden":
+    errors = err.errors()
+    # A union (int | float) fails once per member: say why the value is wrong, not which type it missed.
+    same = [x for x in errors if _key(x) == _key(errors[0])]
+    e = next((x for x in same if not x["type"].endswith("_type")), same[0])
+    loc, value = _key(e), e.get("input")
+    msg = e["msg"].removeprefix("Value error, ")
+    if isinstance(value, bool) and e["type"] in ("int_type", "float_type"):
+        msg = "expected a number, not a boolean"
+    elif e["type"] in _BOUNDS:  # pydantic prints 1e38 with all its digits
+        bound = next(iter(e.get("ctx", {}).values()), None)
+        msg = f"must be {_BOUNDS[e['type']]} {bound:g}" if isinstance(bound, (int, float)) else msg
+    elif e["type"] == "extra_forbidden":
         msg = "unknown key"
     elif e["type"] == "union_tag_invalid":
         msg = f"unknown algorithm; allowed: {', '.join(sorted(_ALGO_TAGS))}"
@@ -249,6 +315,12 @@ def _first_error(err: ValidationError) -> ConfigError:
 _ALGO_TAGS = {c.model_fields["name"].default for c in algorithm_config_classes()}
 
 
+def _is_type_tag(part: str) -> bool:
+    """pydantic names the member of a union that failed ('int', 'float', 'function-after[...]');
+    that is not a key the user wrote."""
+    return part in ("int", "float", "str", "bool", "none") or "[" in part
+
+
 def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> ExperimentConfig:
     """Read a YAML job, apply overrides, validate. Raises ConfigError with one clear reason."""
     raw: dict = {}
@@ -257,7 +329,10 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> E
         if not p.is_file():
             raise ConfigError("--config", path, "no such file")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError("--config", path, f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                              f"offset {exc.start})") from None
         except yaml.YAMLError as exc:
             raise ConfigError("--config", path, f"not valid YAML ({exc.__class__.__name__})") from None
         if not isinstance(raw, dict):

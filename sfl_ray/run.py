@@ -1,7 +1,12 @@
 """CLI entry: python -m sfl_ray.run --config FILE [--set KEY=VALUE ...]
 
 Exit 0 on success, 2 on a bad config or bad arguments (one line naming the key, the value and
-what is allowed), 1 on a failure while running.
+what is allowed; nothing is written), 1 on a failure while running (a client error, a NaN/Inf
+loss or upload).
+
+Order matters: every check that can fail with exit 2 — config, run directory, data, model, and
+on Ray the cluster topology — runs before the run directory is claimed, so a refused run leaves
+nothing on disk.
 """
 
 from __future__ import annotations
@@ -85,40 +90,62 @@ def _init_ray(cfg) -> None:
              logging_level=logging.WARNING, log_to_driver=True)
 
 
+def _check_topology(cfg, algorithm_cls, shards) -> None:
+    """The cluster must hold the pools and server blocks (needs Ray up); raises ConfigError."""
+    from sfl_ray.runtime.ray_backend import plan_topology
+
+    plan_topology(cfg.cluster, len(shards), algorithm_cls.wants_server_blocks(cfg.algorithm))
+
+
+def _failed(err: BaseException) -> int:
+    from sfl_ray.runtime.coordinator import ClientFailed
+    from sfl_ray.runtime.finite import NonFiniteError
+
+    first = (str(err).strip().splitlines() or [repr(err)])[0]
+    if isinstance(err, NonFiniteError) or "NonFiniteError: " in first:  # the one line says it all
+        log.error("run failed: %s (training diverged: lower the learning rate?)", first.split("NonFiniteError: ")[-1])
+    else:  # a client failure already carries the client's traceback; others need their own
+        log.error("run failed: %s", err, exc_info=not isinstance(err, ClientFailed))
+    return EXIT_FAILED
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from sfl_ray.config import dump_config, load_config
     from sfl_ray.config_base import ConfigError
+    from sfl_ray.metrics.run_dir import check_run_dir, claim_run_dir
 
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_run_dir(cfg)  # cheap, so before the data: a taken name fails fast
         algorithm_cls, data, shards, hist = prepare(cfg)
+        if cfg.cluster.backend == "ray":
+            _init_ray(cfg)
+            _check_topology(cfg, algorithm_cls, shards)
+        # `--resume RUN_DIR` (to come) opens its existing run directory here instead of claiming one.
+        run_dir = claim_run_dir(cfg, dump_config(cfg))
     except ConfigError as err:
         print(str(err), file=sys.stderr)
         return EXIT_BAD_CONFIG
+    except Exception as err:  # noqa: BLE001 - e.g. Ray would not start: report, exit 1
+        return _failed(err)
 
     from sfl_ray.metrics.writer import RunWriter
     from sfl_ray.runtime.launch import run_experiment
 
-    writer = RunWriter(cfg.run_dir())
-    writer.write_text("config.yaml", dump_config(cfg))
-    writer.write_json("partition.json", {"num_clients": len(shards), "sizes": [len(s) for s in shards],
-                                         "label_histograms": hist})
+    RunWriter(run_dir.path).write_json("partition.json", {"num_clients": len(shards), "sizes": [len(s) for s in shards],
+                                                          "label_histograms": hist})
     print(f"sfl_ray: {cfg.algorithm.name} on {cfg.data.name}/{cfg.model.name}, {cfg.train.num_clients} clients, "
           f"backend {cfg.cluster.backend}; run dir {cfg.run_dir()}", flush=True)
     try:
-        if cfg.cluster.backend == "ray":
-            _init_ray(cfg)
         summary = run_experiment(algorithm_cls, cfg, data, shards)
-    except ConfigError as err:  # topology checks need the cluster, so they come late
+    except ConfigError as err:  # a check only the running backend can make: leave nothing behind
+        run_dir.release()
         print(str(err), file=sys.stderr)
         return EXIT_BAD_CONFIG
     except Exception as err:  # noqa: BLE001 - report, exit 1
-        from sfl_ray.runtime.coordinator import ClientFailed
-        # A client failure already carries the client's traceback; others need their own.
-        log.error("run failed: %s", err, exc_info=not isinstance(err, ClientFailed))
-        return EXIT_FAILED
+        return _failed(err)
     final = summary.get("final") or {}
     metric = ("eval_perplexity" if final.get("eval_perplexity") is not None else "eval_accuracy")
     print(f"sfl_ray: done after {summary['rounds']} rounds ({summary['stop_reason']}); "

@@ -126,9 +126,17 @@ def test_truncation_respects_max_length(builtin):
 
 
 def test_prompt_longer_than_max_length_warns():
-    with pytest.warns(UserWarning, match="no target token"):
-        ds = load_source(DataConfig(name="e2e", max_length=12, max_train_samples=5, max_test_samples=5))
-    assert ds.train_x.shape == (5, 12) and np.all(ds.train_y == -100)
+    # The first 5 training prompts are 30, 30, 37, 39 and 49 tokens long: 3 lose their reference.
+    with pytest.warns(UserWarning, match="3 of 5 training examples have no target token"):
+        ds = load_source(DataConfig(name="e2e", max_length=35, max_train_samples=5, max_test_samples=5))
+    assert ds.train_x.shape == (5, 35) and (np.all(ds.train_y == -100, axis=1)).sum() == 3
+
+
+def test_max_length_too_short_for_every_prompt_is_a_config_error():
+    from sfl_ray.config_base import ConfigError
+
+    with pytest.raises(ConfigError, match="data.max_length=12: too short"):
+        load_source(DataConfig(name="e2e", max_length=12, max_train_samples=5, max_test_samples=5))
 
 
 def test_max_samples_take_the_first_rows(builtin):

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from sfl_ray.config_base import MAX_RATE
 from sfl_ray.algorithms.common import SplitConfigMixin, fedavg_replies
 from sfl_ray.algorithms.cse_fsl import AuxHeadMixin, local_loss_program
 from sfl_ray.models.aux import AuxConfig
@@ -33,7 +34,8 @@ class AmpereConfig(SplitConfigMixin):
     aux: AuxConfig = Field(AuxConfig(), description="The generated auxiliary head (kind and param/FLOP budget).")
     server_epochs: int = Field(5, gt=0, description="Epochs of server-block training on the consolidated set.")
     server_batch_size: Optional[int] = Field(None, gt=0, description="Server batch size; None = train.batch_size.")
-    server_lr: Optional[float] = Field(None, gt=0, description="Server learning rate; None = train.lr.")
+    server_lr: Optional[float] = Field(None, gt=0, le=MAX_RATE,
+                                       description="Server learning rate (at most 1e38); None = train.lr.")
     shuffle_across_devices: bool = Field(True, description="Shuffle the consolidated set across devices "
                                          "(False: device by device, as SFL sees it; for ablations).")
     server_trainer: Literal["actor", "ray_train"] = Field(

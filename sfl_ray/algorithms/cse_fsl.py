@@ -16,6 +16,7 @@ import torch.nn as nn
 from pydantic import Field
 
 from sfl_ray.models.task import task_loss
+from sfl_ray.config_base import MAX_RATE
 from sfl_ray.algorithms.common import (BufferedServer, SplitConfigMixin, client_order, fedavg_replies,
                                        upload_batches)
 from sfl_ray.models.aux import AuxConfig, build_aux
@@ -31,7 +32,8 @@ class CSEFSLConfig(SplitConfigMixin):
         "first", description="Upload the first (FSL-SAGE re-implementation) or last (original code) batch of each chunk.")
     aux: AuxConfig = Field(AuxConfig(kind="linear"), description="The auxiliary head on the device "
                            "(linear: Flatten + Linear, as the original CSE-FSL code).")
-    server_lr: float | None = Field(None, gt=0, description="Server learning rate; None = train.lr.")
+    server_lr: float | None = Field(None, gt=0, le=MAX_RATE,
+                                    description="Server learning rate (at most 1e38); None = train.lr.")
 
 
 class AuxHeadMixin:

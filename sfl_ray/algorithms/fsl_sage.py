@@ -49,6 +49,7 @@ from pydantic import Field
 
 from sfl_ray.metrics.device_cost import off_device
 from sfl_ray.models.task import task_loss
+from sfl_ray.config_base import MAX_RATE
 from sfl_ray.algorithms.common import (BufferedServer, SplitConfigMixin, client_order, fedavg_replies,
                                        preserved_buffers, upload_batches)
 from sfl_ray.algorithms.cse_fsl import AuxHeadMixin
@@ -67,12 +68,14 @@ class FSLSAGEConfig(SplitConfigMixin):
     align_epochs: int = Field(100, gt=0, description="Passes over a client's buffer per alignment.")
     align_batch_size: int = Field(1000, gt=0, description="Mini-batch size for alignment.")
     buffer_size: int = Field(1000, gt=0, description="M: the alignment buffer keeps the last M uploaded samples.")
-    aux_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the aux models (on the server).")
+    aux_lr: float = Field(1e-3, gt=0, le=MAX_RATE,
+                          description="Adam learning rate of the aux models (on the server; at most 1e38).")
     aux: AuxConfig = Field(AuxConfig(kind="linear"), description="The auxiliary model (gradient estimator); "
                            "linear (Flatten + Linear, the reference's simple_conv aux; on transformers norm + head) "
                            "by default: an estimator must represent the server's cut gradient and generalise from "
                            "a small buffer (see the module docstring).")
-    server_lr: float | None = Field(None, gt=0, description="Server learning rate; None = train.lr.")
+    server_lr: float | None = Field(None, gt=0, le=MAX_RATE,
+                                    description="Server learning rate (at most 1e38); None = train.lr.")
 
 
 def cut_gradient(head: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, create_graph: bool = False) -> torch.Tensor:

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
+from sfl_ray.config_base import MAX_RATE
 from sfl_ray.algorithms.common import SplitConfigMixin, upload_batches
 from sfl_ray.algorithms.cse_fsl import CSEFSL
 from sfl_ray.models.aux import AuxConfig
@@ -62,13 +63,16 @@ class HeronSFLConfig(SplitConfigMixin):
     aux: AuxConfig = Field(AuxConfig(kind="linear"), description="The auxiliary head on the device; "
                            "default one FC layer, as in the paper.")
     num_probes: int = Field(1, gt=0, description="Random directions per step, averaged ([UNKNOWN]; eq. 2 uses 1).")
-    mu: float = Field(1e-3, gt=0, description="Perturbation scale of the ZO estimate ([UNKNOWN]).")
-    zo_lr: float | None = Field(1e-3, gt=0, description="Device ZO-SGD learning rate ([UNKNOWN]); None = train.lr. "
+    mu: float = Field(1e-3, gt=0, le=MAX_RATE,
+                      description="Perturbation scale of the ZO estimate ([UNKNOWN]; at most 1e38).")
+    zo_lr: float | None = Field(1e-3, gt=0, le=MAX_RATE,
+                                description="Device ZO-SGD learning rate ([UNKNOWN]; at most 1e38); None = train.lr. "
                                 "Stable only for lr ~ 1/dim(theta): 1e-3 suits ~2e4 parameters.")
     zo_estimator: Literal["central", "forward"] = Field(
         "central", description="central: (L(t+mu u) - L(t-mu u)) / 2mu; forward (the paper's eq. 2): "
         "(L(t+mu u) - L(t)) / mu.")
-    server_lr: float | None = Field(None, gt=0, description="Server learning rate; None = train.lr.")
+    server_lr: float | None = Field(None, gt=0, le=MAX_RATE,
+                                    description="Server learning rate (at most 1e38); None = train.lr.")
 
 
 # -- the zeroth-order machinery (pure functions, tested on their own) ----------------------------

@@ -83,8 +83,8 @@ class SGLRConfig(SplitConfigMixin):
         "then each client's own gradient); table2: the paper's Table 2 best (alpha=0.5, phi=0.5 throughout); "
         "psl: plain parallel split learning (alpha=0, phi=0); custom: alpha/phi/averaging_* as given (any of "
         "them set alone implies custom, the others from official).")
-    alpha: Optional[float] = Field(None, ge=0, description="SplitLr power: server lr = client lr x N^alpha "
-                                   "(0 = no SplitLr); None = from the schedule.")
+    alpha: Optional[float] = Field(None, ge=0, le=4, description="SplitLr power: server lr = client lr x N^alpha "
+                                   "(0 = no SplitLr; at most 4: beyond, N^alpha soon overflows); None = from the schedule.")
     phi: Optional[float] = Field(None, ge=0, le=1, description="Fraction of clients whose cut gradients are "
                                  "averaged (resampled every iteration); 0 = no SplitAvg; None = from the schedule.")
     averaging_fraction_of_training: Optional[float] = Field(

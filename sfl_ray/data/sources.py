@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 from sfl_ray.config_base import ConfigError
+from sfl_ray.local_paths import not_on_hub, reason, require_local
 
 BUILTIN = Path(__file__).parent / "builtin"
 
@@ -70,8 +72,8 @@ def _images_to_uint8(column: Any) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def _hf_split(ds: Any, image_col: str, label_col: str, key: str) -> tuple[np.ndarray, np.ndarray]:
-    for col in (image_col, label_col):
+def _hf_split(ds: Any, image_col: str, label_col: str) -> tuple[np.ndarray, np.ndarray]:
+    for key, col in (("data.image_column", image_col), ("data.label_column", label_col)):
         if col not in ds.column_names:
             raise ConfigError(key, col, f"column not in the dataset; columns: {', '.join(ds.column_names)}")
     if ds.features[image_col].__class__.__name__ in ("List", "Sequence", "LargeList"):
@@ -92,9 +94,24 @@ def _load_hf(path_or_name: str, data_files: Optional[dict] = None, builder: Opti
 
     datasets.disable_progress_bars()
     if builder is not None:
-        dd = datasets.load_dataset(builder, data_files=data_files, data_dir=None if data_files else path_or_name)
+        where = path_or_name
+        if builder == "parquet" and data_files:  # a footer read per file names the corrupt one
+            import pyarrow.parquet as pq
+            for f in sorted(data_files.values()):
+                try:
+                    pq.read_metadata(f)
+                except Exception as e:  # noqa: BLE001 - ArrowInvalid, OSError: not parquet, or truncated
+                    raise ConfigError("data.path", f, f"not a readable parquet file: {reason(e)}") from None
+            where = ", ".join(sorted(data_files.values()))
+        try:
+            dd = datasets.load_dataset(builder, data_files=data_files, data_dir=None if data_files else path_or_name)
+        except Exception as e:  # a corrupt or foreign file: name it, in one line
+            raise ConfigError("data.path", where, f"cannot read it as {builder}: {reason(e)}") from None
     else:
-        dd = datasets.load_dataset(path_or_name)
+        try:
+            dd = datasets.load_dataset(path_or_name)
+        except Exception as e:
+            raise not_on_hub("data.path", path_or_name, e) from None
     if "train" not in dd:
         raise ConfigError("data.path", path_or_name, f"needs a 'train' split; found {list(dd)}")
     test_key = "test" if "test" in dd else ("validation" if "validation" in dd else None)
@@ -106,8 +123,8 @@ def _load_hf(path_or_name: str, data_files: Optional[dict] = None, builder: Opti
         train = train.select(keep)
     if (keep := _keep(len(test), limits[1])) is not None:
         test = test.select(keep)
-    tx, ty = _hf_split(train, image_col, label_col, "data.image_column")
-    vx, vy = _hf_split(test, image_col, label_col, "data.image_column")
+    tx, ty = _hf_split(train, image_col, label_col)
+    vx, vy = _hf_split(test, image_col, label_col)
     return tx, ty, vx, vy
 
 
@@ -119,10 +136,14 @@ def _keep(total: int, n: Optional[int]) -> Optional[np.ndarray]:
     return np.sort(np.random.default_rng(0).permutation(total)[:n])
 
 
-def _read_idx(path: Path, offset: int) -> np.ndarray:
+def _read_idx(path: Path, offset: int, shape: tuple[int, ...]) -> np.ndarray:
+    """An MNIST idx file (optionally gzipped) as uint8 of `shape` (-1 first); ConfigError if it is not one."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        return np.frombuffer(f.read(), np.uint8, offset=offset)
+    try:
+        with opener(path, "rb") as f:
+            return np.frombuffer(f.read(), np.uint8, offset=offset).reshape(shape)
+    except (OSError, EOFError, ValueError, zlib.error) as e:  # truncated, not gzip, wrong size
+        raise ConfigError("data.path", str(path), f"not a readable MNIST idx file: {reason(e)}") from None
 
 
 def _load_mnist(path: Optional[str], limits: tuple) -> tuple[np.ndarray, ...]:
@@ -133,10 +154,14 @@ def _load_mnist(path: Optional[str], limits: tuple) -> tuple[np.ndarray, ...]:
     idx = {n: next(iter(p.glob(f"{n}*")), None) for n in
            ("train-images", "train-labels", "t10k-images", "t10k-labels")} if p.is_dir() else {}
     if idx and all(idx.values()):
-        tx = _read_idx(idx["train-images"], 16).reshape(-1, 1, 28, 28)
-        vx = _read_idx(idx["t10k-images"], 16).reshape(-1, 1, 28, 28)
-        ty = _read_idx(idx["train-labels"], 8).astype(np.int64)
-        vy = _read_idx(idx["t10k-labels"], 8).astype(np.int64)
+        tx = _read_idx(idx["train-images"], 16, (-1, 1, 28, 28))
+        vx = _read_idx(idx["t10k-images"], 16, (-1, 1, 28, 28))
+        ty = _read_idx(idx["train-labels"], 8, (-1,)).astype(np.int64)
+        vy = _read_idx(idx["t10k-labels"], 8, (-1,)).astype(np.int64)
+        for images, labels, name in ((tx, ty, "train"), (vx, vy, "t10k")):
+            if len(images) != len(labels):
+                raise ConfigError("data.path", path, f"{name}: {len(images)} images but {len(labels)} labels "
+                                  "(a truncated file?)")
         tk, vk = _keep(len(ty), limits[0]), _keep(len(vy), limits[1])
         if tk is not None:
             tx, ty = tx[tk], ty[tk]
@@ -169,11 +194,14 @@ def _pack_tarball(tarball: Path) -> dict[str, str]:
     dest = _cache_root() / f"{tarball.name.split('.')[0]}-{digest}"
     if not (dest / ".done").exists():
         rows: dict[str, list[tuple[str, str, bytes]]] = {}
-        with tarfile.open(tarball) as tf:
-            for m in tf:
-                parts = [q for q in Path(m.name).parts if q != "."]
-                if m.isfile() and len(parts) >= 3 and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
-                    rows.setdefault(parts[-3], []).append((parts[-2], m.name, tf.extractfile(m).read()))
+        try:
+            with tarfile.open(tarball) as tf:
+                for m in tf:
+                    parts = [q for q in Path(m.name).parts if q != "."]
+                    if m.isfile() and len(parts) >= 3 and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
+                        rows.setdefault(parts[-3], []).append((parts[-2], m.name, tf.extractfile(m).read()))
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:  # truncated or not a tarball
+            raise ConfigError("data.path", str(tarball), f"not a readable tarball: {reason(e)}") from None
         if "train" not in rows:
             raise ConfigError("data.path", str(tarball), "expected images as train/<class>/<file> (and test/...)")
         classes = sorted({label for split in rows.values() for label, _, _ in split})
@@ -204,17 +232,24 @@ def _image_folder_files(root: Path) -> dict[str, list[str]]:
     return files
 
 
-def _load_imagefolder(path: str, image_col: str, label_col: str, limits: tuple) -> tuple[np.ndarray, ...]:
+def _load_imagefolder(path: str, image_col: str, label_col: str, limits: tuple,
+                      folder_cols: tuple[str, str] = ("image", "label")) -> tuple[np.ndarray, ...]:
+    """A tarball, an image folder (columns `folder_cols`) or a hub name (columns image_col, label_col)."""
     p = Path(path)
     if p.is_file() and p.name.endswith((".tar.gz", ".tgz", ".tar")):
-        return _load_hf("parquet", _pack_tarball(p), "parquet", "image", "label", limits)
+        return _load_hf("parquet", _pack_tarball(p), "parquet", *folder_cols, limits)
     if p.is_dir():
-        return _load_hf(str(p), _image_folder_files(p), "imagefolder", "image", "label", limits)
+        files = _image_folder_files(p)
+        if not files:
+            raise ConfigError("data.path", path, f"no images found: expected <split>/<class>/<image> files "
+                              f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return _load_hf(str(p), files, "imagefolder", *folder_cols, limits)
     return _load_hf(path, image_col=image_col, label_col=label_col, limits=limits)
 
 
 def load_source(cfg: Any) -> ArrayDataset:
     """Load the data set named by a `DataConfig` (raw arrays are cached per process)."""
+    require_local("data.path", cfg.path)  # a mistyped local path is not a hub name
     if cfg.name == "e2e":
         from sfl_ray.data.text import load_e2e
         return load_e2e(cfg)
@@ -237,6 +272,6 @@ def _raw(name: str, path: Optional[str], image_column: str, label_column: str,
         return _load_imagefolder(path, "img", "label", limits)
     if path is None:
         raise ConfigError("data.path", None, "the hf source needs a hub name or a local folder")
-    if Path(path).exists():
-        return _load_imagefolder(path, image_column, label_column, limits)
+    if Path(path).exists():  # an image folder's columns are image and label unless the user says otherwise
+        return _load_imagefolder(path, image_column, label_column, limits, (image_column, label_column))
     return _load_hf(path, image_col=image_column, label_col=label_column, limits=limits)

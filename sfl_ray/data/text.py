@@ -37,6 +37,7 @@ import numpy as np
 
 from sfl_ray.config_base import ConfigError
 from sfl_ray.data.sources import BUILTIN, ArrayDataset
+from sfl_ray.local_paths import not_on_hub, reason, require_local
 
 BUILTIN_E2E = BUILTIN / "e2e_slice"
 BUILTIN_TOKENIZER = BUILTIN / "gpt2_tokenizer"
@@ -83,10 +84,11 @@ def _tokenizer_and_digest(name_or_path: Optional[str]) -> tuple[Any, str]:
     elif src.exists():
         raise ConfigError("data.tokenizer", name_or_path, "a tokenizer folder or a hub name, not a file")
     else:
+        require_local("data.tokenizer", name_or_path)
         try:
             tok = GPT2TokenizerFast.from_pretrained(str(name_or_path))
         except Exception as e:  # offline, or no such repository: say what was asked
-            raise ConfigError("data.tokenizer", name_or_path, f"not a local folder, and the hub load failed: {e}") from e
+            raise not_on_hub("data.tokenizer", str(name_or_path), e, "tokenizer") from None
     if tok.eos_token_id is None:  # a bare tokenizer.json carries no special-token roles
         if EOS_TEXT not in tok.get_vocab():
             raise ConfigError("data.tokenizer", name_or_path, f"has no EOS token and no {EOS_TEXT}")
@@ -124,14 +126,14 @@ def e2e_splits(path: Optional[str] = None) -> Any:
         if "train" in files and "validation" in files:
             features = datasets.Features({"mr": datasets.Value("string"), "ref": datasets.Value("string")})
             # keep_default_na=False: pandas would otherwise turn a text such as "NA" into a missing value.
-            return datasets.load_dataset("csv", data_files=files, features=features, keep_default_na=False)
+            return _read_files("csv", files, path, features=features, keep_default_na=False)
         return _split_files(folder, path)
     if folder.exists():
         raise ConfigError("data.path", path, "an E2E folder of csv, json or parquet files or a hub name, not a file")
     try:
         dd = _load_hub(path)
     except Exception as e:  # offline, or no such data set: say what was asked
-        raise ConfigError("data.path", path, f"not a local folder, and the hub load failed: {e}") from e
+        raise not_on_hub("data.path", path, e) from None
     for split in ("train", "validation"):
         if split not in dd:
             raise ConfigError("data.path", path, f"needs a '{split}' split; found {list(dd)}")
@@ -156,8 +158,25 @@ def _split_files(folder: Path, path: Optional[str]) -> Any:
     if "train" not in found or "validation" not in found or len(builders) != 1:
         raise ConfigError("data.path", path, f"an E2E folder needs {E2E_CSV['train']} and {E2E_CSV['validation']}, "
                           "or train.* and validation.* (or dev.*) files of one format: csv, json, jsonl or parquet")
-    dd = datasets.load_dataset(builders.pop(), data_files={s: str(f) for s, f in found.items()})
+    dd = _read_files(builders.pop(), {s: str(f) for s, f in found.items()}, path)
     return datasets.DatasetDict({s: _standard_columns(ds, path) for s, ds in dd.items()})
+
+
+def _read_files(builder: str, files: dict[str, str], path: Optional[str], **kw: Any) -> Any:
+    """`load_dataset(builder, data_files=files)`; a file it cannot read is a ConfigError naming the files."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(builder, data_files=files, **kw)
+    except Exception as e:  # garbage bytes, wrong columns, not UTF-8: one line naming the file, not a traceback
+        bad, err = ", ".join(sorted(files.values())), e
+        for f in sorted(files.values()):  # which one? (only on this error path)
+            try:
+                datasets.load_dataset(builder, data_files={"train": f}, **kw)
+            except Exception as e_one:  # noqa: BLE001
+                bad, err = f, e_one
+                break
+        raise ConfigError("data.path", bad, f"cannot read it as {builder} with E2E columns: {reason(err)}") from None
 
 
 def _load_hub(name: str) -> Any:
@@ -274,6 +293,12 @@ def _load_e2e_cached(path: Optional[str], tokenizer: Optional[str], max_length: 
         valid = valid.select(range(min(max_test, len(valid))))
     tx, ty = _tokenise(train, tok, digest, max_length)
     vx, vy = _tokenise(valid, tok, digest, max_length)
+    for labels, split in ((ty, "training"), (vy, "validation")):
+        if not len(labels):
+            raise ConfigError("data.path", path, f"the {split} split has no rows")
+        if not (labels != IGNORE).any():  # nothing to learn, or a 0/0 eval loss
+            raise ConfigError("data.max_length", max_length, f"too short: every {split} prompt alone fills it, "
+                              "leaving no reference token (the default is 128)")
     empty = int(((ty != IGNORE).sum(1) == 0).sum())
     if empty:  # the prompt alone fills max_length: these examples can teach nothing
         warnings.warn(f"E2E: {empty} of {len(ty)} training examples have no target token within "

@@ -2,25 +2,42 @@
 
 The directory may be a local folder or a pyarrow.fs URI (s3://, gs://) so cluster runs can
 write to shared storage. metrics.jsonl is rewritten whole after every round (object stores
-cannot append), so a crash never leaves a half-written row.
+cannot append), so a crash never leaves a half-written row. Local files are the user's only
+(folders 0700, files 0600): runs may hold data statistics and configs with paths.
+
+Non-finite numbers are written as the strings "NaN", "Infinity", "-Infinity" (JSON has no
+such numbers); `null` means only "not measured / not evaluated".
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.fs as pafs
 
+NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
-def _clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
+
+def encode(v: Any) -> Any:
+    """A row or summary made JSON-safe: non-finite floats become strings, never silently null."""
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        return f if math.isfinite(f) else NONFINITE[repr(f)]
     if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
+        return {k: encode(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [encode(x) for x in v]
     return v
+
+
+def dumps(obj: Any, **kw: Any) -> str:
+    # allow_nan=False: a bare NaN that slipped past encode() is a bug to hear about, not invalid JSON.
+    return json.dumps(encode(obj), allow_nan=False, **kw)
 
 
 class RunWriter:
@@ -28,27 +45,37 @@ class RunWriter:
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir.rstrip("/")
-        if "://" in run_dir:
-            self.fs, self.root = pafs.FileSystem.from_uri(run_dir)
-        else:
+        self.local = "://" not in run_dir
+        if self.local:
             self.fs, self.root = pafs.LocalFileSystem(), str(Path(run_dir).resolve())
-        self.fs.create_dir(self.root, recursive=True)
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+        else:
+            self.fs, self.root = pafs.FileSystem.from_uri(run_dir)
+            self.fs.create_dir(self.root, recursive=True)
         self.rows: list[dict] = []
 
     def write_text(self, name: str, text: str) -> None:
         tmp = f"{self.root}/.{name}.tmp"
+        if self.local:  # created 0600 from the start, not chmod'ed after (no window where others can read)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(text.encode())
+            os.replace(tmp, f"{self.root}/{name}")
+            return
         with self.fs.open_output_stream(tmp) as f:
             f.write(text.encode())
         self.fs.move(tmp, f"{self.root}/{name}")
 
     def write_json(self, name: str, obj: Any) -> None:
-        self.write_text(name, json.dumps(_clean(obj), indent=2) + "\n")
+        self.write_text(name, dumps(obj, indent=2) + "\n")
 
     def append_row(self, row: dict) -> None:
-        self.rows.append(_clean(row))
-        self.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.rows))
+        self.rows.append(dict(row))
+        self.write_text("metrics.jsonl", "".join(dumps(r) + "\n" for r in self.rows))
 
     def read_rows(self) -> list[dict]:
+        """The rows on disk, as written ("NaN" etc. stay strings)."""
         try:
             with self.fs.open_input_stream(f"{self.root}/metrics.jsonl") as f:
                 text = f.read().decode()

@@ -20,7 +20,8 @@ are the device block's and the server block's own parameters.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn as nn
@@ -145,6 +146,20 @@ def _untied_head(lm_head: nn.Linear) -> nn.Linear:
     return head
 
 
+def _from_pretrained(cls: Any, name: str, **kw: Any) -> Any:
+    """`cls.from_pretrained(name)`; a missing folder or an unreachable hub name is a ConfigError."""
+    from sfl_ray.local_paths import not_on_hub, reason, require_local
+
+    require_local("model.transformer.pretrained", name)
+    try:
+        return cls.from_pretrained(name, **kw)
+    except Exception as e:  # a folder without weights, or the hub offline: one line naming what was asked
+        if Path(name).exists():
+            raise ConfigError("model.transformer.pretrained", name, f"cannot load a {cls.__name__} from it: "
+                              f"{reason(e)}") from None
+        raise not_on_hub("model.transformer.pretrained", name, e, "model") from None
+
+
 def build_gpt2(tcfg, cut: Optional[str], seq_len: int, vocab: int, seed: int):
     """(full model, device, server, aux factory) for GPT-2."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -152,7 +167,7 @@ def build_gpt2(tcfg, cut: Optional[str], seq_len: int, vocab: int, seed: int):
     with seeded_torch(seed, "model_init"):
         if tcfg.pretrained:
             _quiet_loading()
-            model = GPT2LMHeadModel.from_pretrained(tcfg.pretrained)
+            model = _from_pretrained(GPT2LMHeadModel, tcfg.pretrained)
         else:
             model = GPT2LMHeadModel(GPT2Config(
                 vocab_size=vocab, n_positions=max(seq_len, tcfg.n_positions), n_embd=tcfg.n_embd,
@@ -186,8 +201,8 @@ def build_vit(tcfg, cut: Optional[str], in_shape: tuple[int, ...], num_classes: 
     with seeded_torch(seed, "model_init"):
         if tcfg.pretrained:
             _quiet_loading()
-            model = ViTForImageClassification.from_pretrained(tcfg.pretrained, num_labels=num_classes,
-                                                              ignore_mismatched_sizes=True)
+            model = _from_pretrained(ViTForImageClassification, tcfg.pretrained, num_labels=num_classes,
+                                     ignore_mismatched_sizes=True)
         else:
             model = ViTForImageClassification(ViTConfig(
                 image_size=h, patch_size=tcfg.patch_size, num_channels=c, hidden_size=tcfg.n_embd,

@@ -21,6 +21,7 @@ import torch
 from sfl_ray.metrics.cost_model import DeviceProfiles, group_time, server_time
 from sfl_ray.metrics.evaluate import Evaluator
 from sfl_ray.metrics.writer import RunWriter
+from sfl_ray.runtime.finite import check_row
 from sfl_ray.runtime.protocol import Algorithm, ClientReply, RoundRuntime
 from sfl_ray.seeding import np_rng
 
@@ -174,6 +175,7 @@ class Coordinator:
             row.update({"eval_accuracy": None, "eval_loss": None})
         row["wall_s"] = time.perf_counter() - t0
         self.writer.append_row(row)
+        check_row(row)  # a NaN server/eval loss ends the run, after its row shows it
         self._set(row=row, eval_accuracy=row.get("eval_accuracy") if row.get("eval_accuracy") is not None
                   else self._progress.get("eval_accuracy"))
         if self.on_row is not None:

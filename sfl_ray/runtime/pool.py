@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from sfl_ray.metrics.device_cost import MemoryTracker, measure_device
+from sfl_ray.runtime.finite import check_client_reply
 from sfl_ray.runtime.link import DOWN, UP, Ledger, Link, ServerEndpoint
 from sfl_ray.runtime.protocol import Algorithm, Blueprint, ClientContext, ClientReply
 from sfl_ray.runtime.wire import pack
@@ -85,6 +86,7 @@ class ClientPool:
             if ctx.keep_measuring:
                 self._open_trackers[client] = tracker
             up = pack(up)
+            check_client_reply(client, rnd, up, info)  # a NaN loss or upload is this client's error
             ledger.record(UP, up)
             reply.up, reply.info = up, dict(info)
             reply.flops, reply.peak_mem_bytes = cost["flops"], cost["peak_mem_bytes"]
