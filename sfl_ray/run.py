@@ -73,7 +73,7 @@ def prepare(cfg):
     aux_cfg = getattr(cfg.algorithm, "aux", None)
     if aux_cfg is not None:  # as every process will build it: its errors (budget, nothing to train) come now
         from sfl_ray.models.aux import build_aux
-        build_aux(aux_cfg, parts.act_shape, data.num_classes, cfg.seed, parts.aux_factory)
+        build_aux(aux_cfg, parts.act_shape, data.num_classes, cfg.seed, parts.aux_factory, server=parts.server)
     hist = label_histograms(keys, shards, n_keys) if keys.ndim == 1 else None
     return algorithm_cls, data, shards, hist
 
