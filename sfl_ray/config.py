@@ -202,6 +202,9 @@ class OutputConfig(Section):
     overwrite: bool = Field(False, description="Reuse an existing non-empty run directory: its old content is "
                             "removed first. False = such a directory is refused.")
     progress: bool = Field(True, description="Show a progress line per round on the driver.")
+    checkpoint_every: int = Field(1, ge=0, description="Write a checkpoint (the whole experiment state) to "
+                                  "<run dir>/checkpoints/ every N rounds and after the last; 0 = never.")
+    keep_checkpoints: int = Field(2, gt=0, description="How many of the newest checkpoints to keep.")
 
     @field_validator("name")
     @classmethod

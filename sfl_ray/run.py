@@ -1,8 +1,10 @@
 """CLI entry: python -m sfl_ray.run --config FILE [--set KEY=VALUE ...]
+               python -m sfl_ray.run --resume RUN_DIR [--resume-round N] [--set cluster.KEY=VALUE ...]
 
 Exit 0 on success, 2 on a bad config or bad arguments (one line naming the key, the value and
 what is allowed; nothing is written), 1 on a failure while running (a client error, a NaN/Inf
-loss or upload).
+loss or upload), 130 / 143 when stopped by SIGINT / SIGTERM (the last checkpoint is kept and
+summary.json says `interrupted`).
 
 Order matters: every check that can fail with exit 2 — config, run directory, data, model, and
 on Ray the cluster topology — runs before the run directory is claimed, so a refused run leaves
@@ -19,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
 log = logging.getLogger("sfl_ray")
 
 
@@ -31,10 +33,79 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = _Parser(prog="python -m sfl_ray.run", description="Train a split model across many clients.")
-    p.add_argument("--config", required=True, help="YAML job file (see jobs/)")
+    p.add_argument("--config", help="YAML job file (see jobs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=0.01 (repeatable)")
-    return p.parse_args(argv)
+                   help="override a config key, e.g. --set train.lr=0.01 (repeatable; with --resume only "
+                        "cluster.* and output.progress)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
+    p.add_argument("--resume-round", type=int, metavar="N", help="with --resume: from the checkpoint of round N")
+    args = p.parse_args(argv)
+    if (args.config is None) == (args.resume is None):
+        p.error("give either --config FILE (a new run) or --resume RUN_DIR (continue a run)")
+    if args.resume_round is not None and args.resume is None:
+        p.error("--resume-round needs --resume RUN_DIR")
+    return args
+
+
+class Interrupted(BaseException):
+    """SIGTERM, raised in the driver like KeyboardInterrupt is for SIGINT."""
+
+
+def _on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    raise Interrupted()
+
+
+def _resume_config(args):
+    """The resumed run's own config (its run directory as given), with cluster overrides only;
+    and its checkpoint. Raises ConfigError."""
+    from pathlib import Path
+
+    from sfl_ray.config import load_config
+    from sfl_ray.config_base import ConfigError
+    from sfl_ray.metrics.writer import RunWriter
+    from sfl_ray.runtime.checkpoint import Checkpointer, CheckpointError
+
+    run = Path(args.resume)
+    if not (run / "config.yaml").is_file():
+        raise ConfigError("--resume", args.resume, "not a run directory (no config.yaml)")
+    bad = [o for o in args.overrides if not (o.startswith("cluster.") or o.startswith("output.progress="))]
+    if bad:
+        raise ConfigError("--set", bad[0], "a resumed run keeps its experiment: only cluster.* and output.progress")
+    cfg = load_config(str(run / "config.yaml"), args.overrides + [f"output.dir={run.resolve().parent}",
+                                                                  f"output.name={run.name}"])
+    summary = run / "summary.json"
+    if summary.is_file():
+        import json
+        reason = json.loads(summary.read_text()).get("stop_reason")
+        if reason not in ("interrupted", "failed"):
+            raise ConfigError("--resume", args.resume, f"this run has finished (stop_reason {reason!r})")
+    if cfg.output.checkpoint_every == 0:
+        raise ConfigError("--resume", args.resume, "this run wrote no checkpoints (output.checkpoint_every=0)")
+    try:
+        state = Checkpointer(RunWriter(str(run))).load(args.resume_round)
+    except CheckpointError as err:
+        raise ConfigError("--resume", args.resume, str(err)) from None
+    return cfg, state
+
+
+def _write_stop(run_dir: str, reason: str, error: Optional[str] = None) -> None:
+    """summary.json of a run that did not finish: why, how far it got, what it can resume from."""
+    from sfl_ray.metrics.writer import RunWriter
+    from sfl_ray.runtime.checkpoint import Checkpointer
+
+    try:
+        writer = RunWriter(run_dir)
+        rows = writer.read_rows()
+        try:
+            rounds = Checkpointer(writer).rounds()
+        except Exception:  # noqa: BLE001 - a broken manifest must not hide the stop itself
+            rounds = []
+        writer.write_json("summary.json", {
+            "stop_reason": reason, "error": error, "rounds": rows[-1]["round"] if rows else 0,
+            "final": rows[-1] if rows else None, "last_checkpoint_round": rounds[-1] if rounds else None,
+            "resume": f"python -m sfl_ray.run --resume {run_dir}" if rounds else None})
+    except Exception as err:  # noqa: BLE001 - reporting the stop is best effort
+        log.warning("could not write summary.json: %s", err)
 
 
 def prepare(cfg):
@@ -78,16 +149,18 @@ def prepare(cfg):
     return algorithm_cls, data, shards, hist
 
 
-def _init_ray(cfg) -> None:
+def _init_ray(cfg) -> bool:
+    """Join the job's cluster or start a local one; True if this process started Ray."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     # No address and no job cluster: start a new local Ray instance. Not ray.init()'s default,
     # which joins whatever /tmp/ray/ray_current_cluster names and waits for ever if that head died.
     ray.init(address=address or "local", include_dashboard=False if address is None else None,
              logging_level=logging.WARNING, log_to_driver=True)
+    return address is None
 
 
 def _check_topology(cfg, algorithm_cls, shards) -> None:
@@ -111,46 +184,77 @@ def _failed(err: BaseException) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import signal
+
     from sfl_ray.config import dump_config, load_config
     from sfl_ray.config_base import ConfigError
     from sfl_ray.metrics.run_dir import check_run_dir, claim_run_dir
 
     args = parse_args(argv)
+    started_ray, state, run_dir = False, None, None
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
-        cfg = load_config(args.config, args.overrides)
-        check_run_dir(cfg)  # cheap, so before the data: a taken name fails fast
-        algorithm_cls, data, shards, hist = prepare(cfg)
-        if cfg.cluster.backend == "ray":
-            _init_ray(cfg)
-            _check_topology(cfg, algorithm_cls, shards)
-        # `--resume RUN_DIR` (to come) opens its existing run directory here instead of claiming one.
-        run_dir = claim_run_dir(cfg, dump_config(cfg))
-    except ConfigError as err:
-        print(str(err), file=sys.stderr)
-        return EXIT_BAD_CONFIG
-    except Exception as err:  # noqa: BLE001 - e.g. Ray would not start: report, exit 1
-        return _failed(err)
+        try:
+            if args.resume:
+                cfg, state = _resume_config(args)
+            else:
+                cfg = load_config(args.config, args.overrides)
+                check_run_dir(cfg)  # cheap, so before the data: a taken name fails fast
+            algorithm_cls, data, shards, hist = prepare(cfg)
+            if cfg.cluster.backend == "ray":
+                started_ray = _init_ray(cfg)
+                _check_topology(cfg, algorithm_cls, shards)
+            if not args.resume:
+                run_dir = claim_run_dir(cfg, dump_config(cfg))
+        except ConfigError as err:
+            print(str(err), file=sys.stderr)
+            return EXIT_BAD_CONFIG
+        except Exception as err:  # noqa: BLE001 - e.g. Ray would not start: report, exit 1
+            return _failed(err)
 
-    from sfl_ray.metrics.writer import RunWriter
-    from sfl_ray.runtime.launch import run_experiment
+        from sfl_ray.metrics.writer import RunWriter
+        from sfl_ray.runtime.launch import run_experiment
 
-    RunWriter(run_dir.path).write_json("partition.json", {"num_clients": len(shards), "sizes": [len(s) for s in shards],
-                                                          "label_histograms": hist})
-    print(f"sfl_ray: {cfg.algorithm.name} on {cfg.data.name}/{cfg.model.name}, {cfg.train.num_clients} clients, "
-          f"backend {cfg.cluster.backend}; run dir {cfg.run_dir()}", flush=True)
-    try:
-        summary = run_experiment(algorithm_cls, cfg, data, shards)
-    except ConfigError as err:  # a check only the running backend can make: leave nothing behind
-        run_dir.release()
-        print(str(err), file=sys.stderr)
-        return EXIT_BAD_CONFIG
-    except Exception as err:  # noqa: BLE001 - report, exit 1
-        return _failed(err)
-    final = summary.get("final") or {}
-    metric = ("eval_perplexity" if final.get("eval_perplexity") is not None else "eval_accuracy")
-    print(f"sfl_ray: done after {summary['rounds']} rounds ({summary['stop_reason']}); "
-          f"{metric}={final.get(metric)} GiB={summary['totals']['gib']:.4f}", flush=True)
-    return EXIT_OK
+        path = cfg.run_dir()
+        if not args.resume:
+            RunWriter(run_dir.path).write_json("partition.json", {
+                "num_clients": len(shards), "sizes": [len(s) for s in shards], "label_histograms": hist})
+        how = f"resumed after round {state['round']}" if state else f"{cfg.train.num_clients} clients"
+        print(f"sfl_ray: {cfg.algorithm.name} on {cfg.data.name}/{cfg.model.name}, {how}, "
+              f"backend {cfg.cluster.backend}; run dir {path}", flush=True)
+        try:
+            summary = run_experiment(algorithm_cls, cfg, data, shards, resume=state)
+        except ConfigError as err:  # a check only the running backend can make: leave nothing behind
+            if run_dir is not None:
+                run_dir.release()
+            print(str(err), file=sys.stderr)
+            return EXIT_BAD_CONFIG
+        except (KeyboardInterrupt, Interrupted) as sig:
+            name = "SIGINT" if isinstance(sig, KeyboardInterrupt) else "SIGTERM"
+            _write_stop(path, "interrupted", name)
+            log.warning("interrupted by %s; resume with: python -m sfl_ray.run --resume %s", name, path)
+            return EXIT_SIGINT if name == "SIGINT" else EXIT_SIGTERM
+        except Exception as err:  # noqa: BLE001 - report, exit 1
+            _write_stop(path, "failed", (str(err).strip().splitlines() or [repr(err)])[0])
+            return _failed(err)
+        final = summary.get("final") or {}
+        metric = ("eval_perplexity" if final.get("eval_perplexity") is not None else "eval_accuracy")
+        print(f"sfl_ray: done after {summary['rounds']} rounds ({summary['stop_reason']}); "
+              f"{metric}={final.get(metric)} GiB={summary['totals']['gib']:.4f}", flush=True)
+        return EXIT_OK
+    except (KeyboardInterrupt, Interrupted) as sig:  # before the run started: nothing to keep
+        return EXIT_SIGINT if isinstance(sig, KeyboardInterrupt) else EXIT_SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if started_ray:  # a Ray instance this run started ends with it (no agents left behind)
+            import ray
+            ray.shutdown()
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

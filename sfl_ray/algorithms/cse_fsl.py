@@ -41,6 +41,9 @@ class AuxHeadMixin:
 
     _aux_module: nn.Module | None = None
 
+    def build_client_modules(self, parts) -> None:
+        self.aux_module(parts)
+
     def aux_module(self, parts) -> nn.Module:
         if self._aux_module is None:
             bp = self.blueprint

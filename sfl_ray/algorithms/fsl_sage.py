@@ -107,6 +107,17 @@ class SageServer(BufferedServer):
             self.aux[client] = (head, self._aux_optimizer(head))
         return self.aux[client]
 
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint: the per-client aux models are rebuilt, then loaded."""
+        from sfl_ray.runtime.checkpoint import load_into
+        state = dict(state)
+        aux = state.pop("aux", {})
+        super().load_state_dict(state)
+        self.aux = {}
+        for c, (head, opt) in aux.items():
+            h, o = self._aux(c)
+            load_into(h, head), load_into(o, opt)
+
     def _aux_optimizer(self, head: torch.nn.Module) -> torch.optim.Optimizer:
         return torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=self.ctx.config.aux_lr)
 

@@ -155,6 +155,15 @@ class SGLRServer(ServerProgram):
     def get_weights(self) -> dict:
         return module_weights(self.model)
 
+    def load_state_dict(self, state: dict) -> None:
+        """The optimizer is made on the first step (its lr depends on N): make it, then load."""
+        state = dict(state)
+        opt = state.pop("opt", None)
+        super().load_state_dict(state)
+        if opt is not None:
+            from sfl_ray.runtime.checkpoint import load_into
+            self.opt = load_into(self.ctx.optimizer([self.model]), opt)
+
 
 class SGLR(Algorithm):
     name = "sglr"

@@ -35,12 +35,20 @@ class ReplicaServer(ServerProgram):
         self.global_weights: dict = module_weights(self.base)
         self.opt_state: dict[int, dict] = {}
 
-    def begin_round(self, global_weights: dict) -> None:
+    def _keep_optimizers(self) -> None:
         if self.ctx.blueprint.persist_optimizers:
             for c, (_, opt) in self.replicas.items():
                 self.opt_state[c] = opt.state_dict()
+
+    def begin_round(self, global_weights: dict) -> None:
+        self._keep_optimizers()
         self.global_weights = global_weights
         self.replicas = {}
+
+    def state_dict(self) -> dict:
+        """Between rounds a replica is only its optimizer state: its weights restart from the average."""
+        self._keep_optimizers()
+        return {k: v for k, v in super().state_dict().items() if k != "replicas"}
 
     def _replica(self, client: int) -> tuple:
         if client not in self.replicas:

@@ -55,23 +55,46 @@ class RunWriter:
         self.rows: list[dict] = []
 
     def write_text(self, name: str, text: str) -> None:
-        tmp = f"{self.root}/.{name}.tmp"
+        self.write_bytes(name, text.encode())
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write `name` (a path inside the run directory) atomically: a temporary file, renamed."""
+        folder, _, base = f"{self.root}/{name}".rpartition("/")
+        tmp = f"{folder}/.{base}.tmp"
         if self.local:  # created 0600 from the start, not chmod'ed after (no window where others can read)
+            os.makedirs(folder, mode=0o700, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.fchmod(fd, 0o600)
             with os.fdopen(fd, "wb") as f:
-                f.write(text.encode())
-            os.replace(tmp, f"{self.root}/{name}")
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, f"{folder}/{base}")
             return
+        self.fs.create_dir(folder, recursive=True)
         with self.fs.open_output_stream(tmp) as f:
-            f.write(text.encode())
-        self.fs.move(tmp, f"{self.root}/{name}")
+            f.write(data)
+        self.fs.move(tmp, f"{folder}/{base}")
 
     def write_json(self, name: str, obj: Any) -> None:
         self.write_text(name, dumps(obj, indent=2) + "\n")
 
     def append_row(self, row: dict) -> None:
+        """One row more: appended to metrics.jsonl on a local disk (object stores cannot append,
+        so there the file is rewritten whole)."""
         self.rows.append(dict(row))
+        if not self.local:
+            self.write_text("metrics.jsonl", "".join(dumps(r) + "\n" for r in self.rows))
+            return
+        fd = os.open(f"{self.root}/metrics.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as f:
+            f.write(dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def reset_rows(self, rows: list[dict]) -> None:
+        """Resume: metrics.jsonl holds exactly `rows` (those of the checkpoint), later ones dropped."""
+        self.rows = [dict(r) for r in rows]
         self.write_text("metrics.jsonl", "".join(dumps(r) + "\n" for r in self.rows))
 
     def read_rows(self) -> list[dict]:

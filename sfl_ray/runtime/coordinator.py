@@ -56,6 +56,10 @@ class Executor(Protocol):
 
     def fit_server(self, request: Any) -> list[dict]: ...
 
+    def client_states(self) -> dict: ...
+
+    def load_client_states(self, states: dict) -> None: ...
+
 
 class _Round(RoundRuntime):
     """The RoundRuntime handed to a schedule: records every reply and dispatch group."""
@@ -91,7 +95,8 @@ class Coordinator:
 
     def __init__(self, algorithm: Algorithm, executor: Executor, evaluator: Evaluator, writer: RunWriter,
                  *, num_clients: int, clients_per_round: int, stop, cost_model, seed: int,
-                 torch_threads: int = 1, on_row: Optional[Callable[[dict], None]] = None):
+                 torch_threads: int = 1, on_row: Optional[Callable[[dict], None]] = None,
+                 checkpoint_every: int = 0, keep_checkpoints: int = 2):
         torch.set_num_threads(torch_threads)
         self.on_row = on_row
         self.algorithm, self.executor, self.evaluator, self.writer = algorithm, executor, evaluator, writer
@@ -105,6 +110,12 @@ class Coordinator:
         self._lock = threading.Lock()
         self.bytes_cum = 0
         self.sim_cum = 0.0
+        self.checkpoint_every = checkpoint_every
+        self.checkpointer = None
+        if checkpoint_every > 0:
+            from sfl_ray.runtime.checkpoint import Checkpointer
+            self.checkpointer = Checkpointer(writer, keep_checkpoints)
+        self.checkpoint_s = 0.0  # time spent writing checkpoints (reported in the summary)
 
     # -- progress (read by the driver while run() is busy) -------------------------------
     def progress(self) -> dict:
@@ -131,6 +142,8 @@ class Coordinator:
             for rnd in range(start_round, self.stop.rounds + 1):
                 row = self.run_one_round(rnd)
                 reason = self._stop_reason(rnd, row)
+                if self.checkpointer is not None and (rnd % self.checkpoint_every == 0 or reason):
+                    self.save_checkpoint(rnd)
                 if reason:
                     break
             for i in range(self.algorithm.final_phases()):
@@ -145,6 +158,37 @@ class Coordinator:
             self.state = State.ERRORED
             self._set(state=self.state.value)
             raise
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save_checkpoint(self, rnd: int) -> dict:
+        """Everything needed to continue after round `rnd` as if nothing had stopped."""
+        from sfl_ray.runtime.checkpoint import to_tree
+
+        t0 = time.perf_counter()
+        state = {
+            "algorithm": to_tree(self.algorithm.state_dict()),
+            "clients": self.executor.client_states(),
+            "servers": [self.executor.server_control(i, "state_dict") for i in range(self.executor.num_servers)],
+            "coordinator": {"bytes_cum": self.bytes_cum, "sim_cum": self.sim_cum},
+            "rows": to_tree(self.writer.rows),
+        }
+        entry = self.checkpointer.save(rnd, state)
+        self.checkpoint_s += time.perf_counter() - t0
+        return entry
+
+    def restore(self, state: dict) -> int:
+        """Continue from a checkpoint (see save_checkpoint); returns the next round to run."""
+        from sfl_ray.runtime.checkpoint import from_tree
+
+        self.algorithm.load_state_dict(from_tree(state["algorithm"]))
+        self.executor.load_client_states(state["clients"])
+        for i, s in enumerate(state["servers"]):
+            self.executor.server_control(i, "load_state_dict", s)
+        self.executor.pop_server_flops()
+        self.bytes_cum = state["coordinator"]["bytes_cum"]
+        self.sim_cum = state["coordinator"]["sim_cum"]
+        self.writer.reset_rows(from_tree(state["rows"]))
+        return int(state["round"]) + 1
 
     def run_one_round(self, rnd: int, final: Optional[int] = None) -> dict:
         """One row: a round of the algorithm, or (final=i) its i-th final phase."""
@@ -254,6 +298,7 @@ class Coordinator:
                 "server_flops": sum(r["server_flops"] for r in rows),
                 "device_peak_mem_bytes": max((r["device_peak_mem_bytes"] for r in rows), default=0),
                 "wall_s": sum(r["wall_s"] for r in rows), "sim_s": self.sim_cum,
+                "checkpoint_s": self.checkpoint_s,
             },
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "ray": version("ray"), "sfl_ray": version("sfl_ray")},

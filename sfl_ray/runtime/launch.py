@@ -60,13 +60,15 @@ class _Printer:
 
 
 def run_experiment(algorithm_cls: type[Algorithm], cfg: Any, data: ArrayDataset, shards: list,
-                   progress: Optional[Callable[[dict], None]] = None) -> dict:
-    """Run one experiment on the configured backend; returns the summary."""
+                   progress: Optional[Callable[[dict], None]] = None, resume: Optional[dict] = None) -> dict:
+    """Run one experiment on the configured backend; returns the summary. `resume`: a checkpoint
+    (runtime.checkpoint) to continue from."""
     blueprint = make_blueprint(cfg, data)
     show = progress or _Printer(cfg.output.progress)
     writer = RunWriter(cfg.run_dir())
     common = dict(num_clients=cfg.train.num_clients, clients_per_round=cfg.train.sampled_count(),
-                  stop=cfg.stop, cost_model=cfg.cost_model, seed=cfg.seed, torch_threads=cfg.cluster.torch_threads)
+                  stop=cfg.stop, cost_model=cfg.cost_model, seed=cfg.seed, torch_threads=cfg.cluster.torch_threads,
+                  checkpoint_every=cfg.output.checkpoint_every, keep_checkpoints=cfg.output.keep_checkpoints)
     if cfg.cluster.backend == "local":
         from sfl_ray.runtime.local_backend import LocalExecutor
         import torch
@@ -74,11 +76,11 @@ def run_experiment(algorithm_cls: type[Algorithm], cfg: Any, data: ArrayDataset,
         executor = LocalExecutor(algorithm_cls, blueprint, data.train_x, data.train_y, shards, cfg.cluster.num_servers)
         evaluator = Evaluator(blueprint.build_parts(), data.test_x, data.test_y, cfg.train.eval_batch_size)
         coord = Coordinator(algorithm_cls(blueprint), executor, evaluator, writer, on_row=show, **common)
-        return coord.run()
-    return _run_on_ray(algorithm_cls, blueprint, cfg, data, shards, writer, common, show)
+        return coord.run(coord.restore(resume) if resume else 1)
+    return _run_on_ray(algorithm_cls, blueprint, cfg, data, shards, writer, common, show, resume)
 
 
-def _run_on_ray(algorithm_cls, blueprint, cfg, data, shards, writer, common, show) -> dict:
+def _run_on_ray(algorithm_cls, blueprint, cfg, data, shards, writer, common, show, resume=None) -> dict:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -90,7 +92,8 @@ def _run_on_ray(algorithm_cls, blueprint, cfg, data, shards, writer, common, sho
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     coord = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2, scheduling_strategy=here).remote(
         algorithm_cls(blueprint), executor, evaluator, writer, **common)
-    done = coord.run.remote()
+    start = ray.get(coord.restore.remote(resume), timeout=cfg.cluster.task_timeout_s) if resume else 1
+    done = coord.run.remote(start)
     try:
         while True:
             ready, _ = ray.wait([done], timeout=0.5)

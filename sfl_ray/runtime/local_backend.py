@@ -51,6 +51,12 @@ class LocalExecutor:
                 break  # a sequential schedule cannot go on past a failed client
         return replies
 
+    def client_states(self) -> dict:
+        return self.pool.get_state()
+
+    def load_client_states(self, states: dict) -> None:
+        self.pool.set_state(states)
+
     def server_control(self, index: int, method: str, *args: Any) -> Any:
         return self.servers[index].control(method, *args)
 

@@ -60,9 +60,32 @@ class ClientPool:
         self.parts = blueprint.build_parts()
         self.parts.device.to(self.device)
         self.parts.server.to(self.device)
+        self.algorithm.build_client_modules(self.parts)
         self.state: dict[int, dict] = {c: {} for c in self.shards}
         # A client whose program continues in its next call keeps one memory tracker across them.
         self._open_trackers: dict[int, MemoryTracker] = {}
+
+    def get_state(self) -> dict:
+        """Every hosted client's persistent state (optimizer moments, aux models, own blocks) as a
+        plain tree, for checkpoints and round-start snapshots."""
+        from sfl_ray.runtime.checkpoint import to_tree
+        return {c: to_tree(st) for c, st in self.state.items() if st}
+
+    def set_state(self, states: dict) -> None:
+        """Restore `get_state()` (for the clients this pool hosts); modules in client state are
+        copies of the device block."""
+        import copy
+
+        from sfl_ray.runtime.checkpoint import from_tree
+
+        def device_copy(sd: dict):
+            m = copy.deepcopy(self.parts.device)
+            m.load_state_dict(sd)
+            return m
+
+        self._open_trackers.clear()
+        for c in self.state:
+            self.state[c] = from_tree(states[c], device_copy) if c in states else {}
 
     def ping(self) -> dict:
         """Where this pool runs (for placement checks and health)."""

@@ -177,8 +177,23 @@ class ServerProgram:
     link (`method(client, arrays, info) -> (arrays, info)`, counted) or from the schedule
     (`rt.server(method, *args)`, internal to the server side, not counted)."""
 
+    _not_state = ("ctx", "parts")
+
     def __init__(self, ctx: ServerContext):
         self.ctx = ctx
+
+    def state_dict(self) -> dict:
+        """Everything this server half holds between rounds, for checkpoints: its attributes
+        (models and optimizers as their state dicts), as a plain tree."""
+        from sfl_ray.runtime.checkpoint import to_tree
+        return {k: to_tree(v) for k, v in vars(self).items() if k not in self._not_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`: models and optimizers in place, other attributes replaced.
+        Programs holding modules created on demand (per client) override this."""
+        from sfl_ray.runtime.checkpoint import load_into
+        for k, v in state.items():
+            setattr(self, k, load_into(getattr(self, k, None), v))
 
 
 @dataclass
@@ -266,7 +281,16 @@ class Algorithm(abc.ABC):
         """The schedule-side state to checkpoint."""
         return {k: v for k, v in vars(self).items() if k.startswith("global_")}
 
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the schedule-side state of a checkpoint (instead of init_global)."""
+        for k, v in state.items():
+            setattr(self, k, v)
+
     # -- client side (pool) ------------------------------------------------------------
+    def build_client_modules(self, parts: ModelParts) -> None:
+        """Build, once per pool and before any client runs, the modules client programs reuse
+        (e.g. an aux head), so that building them is never measured as a client's cost."""
+
     @abc.abstractmethod
     def client_program(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:
         """What one device does in a round; returns (upload kind -> arrays, telemetry such as

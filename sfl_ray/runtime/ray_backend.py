@@ -72,6 +72,15 @@ class RayExecutor:
             on_done(r)
         return results  # type: ignore[return-value]
 
+    def client_states(self) -> dict:
+        out: dict = {}
+        for part in ray.get([p.get_state.remote() for p in self.pools], timeout=self.timeout_s):
+            out.update(part)
+        return out
+
+    def load_client_states(self, states: dict) -> None:
+        ray.get([p.set_state.remote(states) for p in self.pools], timeout=self.timeout_s)
+
     def server_control(self, index: int, method: str, *args: Any) -> Any:
         return ray.get(self.servers[index].control.remote(method, *args), timeout=self.timeout_s)
 
