@@ -21,6 +21,7 @@ import torch
 from sfl_ray.metrics.cost_model import DeviceProfiles, group_time, server_time
 from sfl_ray.metrics.evaluate import Evaluator
 from sfl_ray.metrics.writer import RunWriter
+from sfl_ray.runtime.faults import ActorLost
 from sfl_ray.runtime.finite import check_row
 from sfl_ray.runtime.protocol import Algorithm, ClientReply, RoundRuntime
 from sfl_ray.seeding import np_rng
@@ -71,6 +72,9 @@ class _Round(RoundRuntime):
 
     def clients(self, ids, down, parallel=True, program="client_program", per_client=None):
         replies = self.executor.run_clients(program, list(ids), self.rnd, down, parallel, self.on_done, per_client)
+        lost = [r for r in replies if r.lost]
+        if lost:
+            raise ActorLost(f"round {self.rnd}, client {lost[0].client}: {lost[0].lost}")
         failed = [r for r in replies if r.error]
         if failed:
             r = failed[0]
@@ -111,6 +115,9 @@ class Coordinator:
         self.bytes_cum = 0
         self.sim_cum = 0.0
         self.checkpoint_every = checkpoint_every
+        self.faults = 0            # lost actors recovered (rows and summary say how many)
+        self.max_round_attempts = 3
+        self._last_state: Optional[tuple[int, dict]] = None  # (round, state) after that round
         self.checkpointer = None
         if checkpoint_every > 0:
             from sfl_ray.runtime.checkpoint import Checkpointer
@@ -169,14 +176,15 @@ class Coordinator:
             "algorithm": to_tree(self.algorithm.state_dict()),
             "clients": self.executor.client_states(),
             "servers": [self.executor.server_control(i, "state_dict") for i in range(self.executor.num_servers)],
-            "coordinator": {"bytes_cum": self.bytes_cum, "sim_cum": self.sim_cum},
+            "coordinator": {"bytes_cum": self.bytes_cum, "sim_cum": self.sim_cum, "faults": self.faults},
             "rows": to_tree(self.writer.rows),
         }
+        self._last_state = (rnd, state)  # also the next round's start snapshot
         entry = self.checkpointer.save(rnd, state)
         self.checkpoint_s += time.perf_counter() - t0
         return entry
 
-    def restore(self, state: dict) -> int:
+    def restore(self, state: dict, recovered: bool = False) -> int:
         """Continue from a checkpoint (see save_checkpoint); returns the next round to run."""
         from sfl_ray.runtime.checkpoint import from_tree
 
@@ -187,11 +195,53 @@ class Coordinator:
         self.executor.pop_server_flops()
         self.bytes_cum = state["coordinator"]["bytes_cum"]
         self.sim_cum = state["coordinator"]["sim_cum"]
+        self.faults = state["coordinator"].get("faults", 0) + int(recovered)
         self.writer.reset_rows(from_tree(state["rows"]))
         return int(state["round"]) + 1
 
+    # -- faults ---------------------------------------------------------------------------
+    def _snapshot(self, rnd: int) -> dict:
+        """Round-start state (the previous round's checkpoint when there is one)."""
+        from sfl_ray.runtime.checkpoint import to_tree
+
+        if self._last_state is not None and self._last_state[0] == rnd - 1:
+            return self._last_state[1]
+        return {"algorithm": to_tree(self.algorithm.state_dict()), "clients": self.executor.client_states(),
+                "servers": [self.executor.server_control(i, "state_dict") for i in range(self.executor.num_servers)],
+                "coordinator": {"bytes_cum": self.bytes_cum, "sim_cum": self.sim_cum}}
+
+    def _roll_back(self, snap: dict) -> None:
+        from sfl_ray.runtime.checkpoint import from_tree
+
+        self.executor.recover()
+        self.algorithm.load_state_dict(from_tree(snap["algorithm"]))
+        self.executor.load_client_states(snap["clients"])
+        for i, s in enumerate(snap["servers"]):
+            self.executor.server_control(i, "load_state_dict", s)
+        self.executor.pop_server_flops()  # the lost attempt's work is not this round's
+        self.bytes_cum = snap["coordinator"]["bytes_cum"]  # nor its bytes and time
+        self.sim_cum = snap["coordinator"]["sim_cum"]
+
     def run_one_round(self, rnd: int, final: Optional[int] = None) -> dict:
-        """One row: a round of the algorithm, or (final=i) its i-th final phase."""
+        """One row: a round of the algorithm, or (final=i) its i-th final phase. Where actors can
+        be lost (the Ray backend), a lost pool or server block is waited for (restarted), the
+        round-start snapshot restored and the round run again: same seeds, same result."""
+        if not hasattr(self.executor, "recover"):
+            return self._round(rnd, final, 0)
+        snap, faults = self._snapshot(rnd), 0
+        while True:
+            try:
+                return self._round(rnd, final, faults)
+            except ActorLost as err:
+                faults += 1
+                self.faults += 1
+                log.warning("fault %d in round %d: %s; restoring the round-start state and re-running it",
+                            faults, rnd, err)
+                if faults >= self.max_round_attempts:
+                    raise
+                self._roll_back(snap)
+
+    def _round(self, rnd: int, final: Optional[int], faults: int) -> dict:
         clients = self.sample(rnd) if final is None else []
         self.state = State.RUNNING_ROUND
         self._set(state=self.state.value, round=rnd, clients_done=0, clients_total=len(clients))
@@ -217,6 +267,7 @@ class Coordinator:
             row.update(self.evaluator.evaluate(*weights))
         else:
             row.update({"eval_accuracy": None, "eval_loss": None})
+        row["faults"] = faults
         row["wall_s"] = time.perf_counter() - t0
         self.writer.append_row(row)
         check_row(row)  # a NaN server/eval loss ends the run, after its row shows it
@@ -298,7 +349,7 @@ class Coordinator:
                 "server_flops": sum(r["server_flops"] for r in rows),
                 "device_peak_mem_bytes": max((r["device_peak_mem_bytes"] for r in rows), default=0),
                 "wall_s": sum(r["wall_s"] for r in rows), "sim_s": self.sim_cum,
-                "checkpoint_s": self.checkpoint_s,
+                "checkpoint_s": self.checkpoint_s, "faults": self.faults,
             },
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "ray": version("ray"), "sfl_ray": version("sfl_ray")},

@@ -45,6 +45,9 @@ class LocalExecutor:
         replies = []
         for c in clients:
             r = self.pool.run(program, c, rnd, {**down, **per_client.get(c, {})} if per_client else down)
+            # As serialisation does on Ray: the reply must not keep the device's tensors alive (an
+            # upload shares its storage), or the device's memory tracker sees them live too long.
+            r.up = _copy(r.up)
             on_done(r)
             replies.append(r)
             if r.error and not parallel:

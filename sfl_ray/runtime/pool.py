@@ -14,6 +14,7 @@ import torch
 
 from sfl_ray.metrics.device_cost import MemoryTracker, measure_device
 from sfl_ray.runtime.finite import check_client_reply
+from sfl_ray.runtime.faults import ActorLost
 from sfl_ray.runtime.link import DOWN, UP, Ledger, Link, ServerEndpoint
 from sfl_ray.runtime.protocol import Algorithm, Blueprint, ClientContext, ClientReply
 from sfl_ray.runtime.wire import pack
@@ -114,6 +115,8 @@ class ClientPool:
             reply.up, reply.info = up, dict(info)
             reply.flops, reply.peak_mem_bytes = cost["flops"], cost["peak_mem_bytes"]
             reply.cuda_peak_mem_bytes, reply.saved_tensors = cost["cuda_peak_mem_bytes"], cost["saved_tensors"]
+        except ActorLost as err:  # not the client's fault: the coordinator re-runs the round
+            reply.lost = str(err)
         except Exception:  # noqa: BLE001 - a failure is a value; the coordinator's policy decides
             reply.error = traceback.format_exc()
             log.error("client %d failed in round %d:\n%s", client, rnd, reply.error)

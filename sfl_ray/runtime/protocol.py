@@ -74,6 +74,7 @@ class ClientReply:
     cuda_peak_mem_bytes: int = 0
     saved_tensors: int = 0
     error: Optional[str] = None                       # traceback if the program failed
+    lost: Optional[str] = None                        # a server block it talked to died (ActorLost)
 
 
 class ClientContext:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import ray
 
 from sfl_ray.config_base import ConfigError
+from sfl_ray.runtime.faults import ActorLost
 from sfl_ray.runtime.pool import ClientPool
 from sfl_ray.runtime.protocol import ClientReply
 from sfl_ray.runtime.server import ServerBlock
@@ -21,14 +22,24 @@ from sfl_ray.runtime.server import ServerBlock
 log = logging.getLogger("sfl_ray.ray")
 
 
+# Errors that mean "the actor's process is gone" (it is restarted, with its state lost).
+_LOST = (ray.exceptions.RayActorError, getattr(ray.exceptions, "ActorUnavailableError", ray.exceptions.RayActorError))
+
+
 class RayEndpoint:
     """A client's way to a server block actor."""
 
-    def __init__(self, handle: Any, timeout_s: float):
-        self.handle, self.timeout_s = handle, timeout_s
+    def __init__(self, handle: Any, timeout_s: float, index: int = 0):
+        self.handle, self.timeout_s, self.index = handle, timeout_s, index
 
     def call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
-        return ray.get(self.handle.call.remote(method, client, arrays, info), timeout=self.timeout_s)
+        try:
+            return ray.get(self.handle.call.remote(method, client, arrays, info), timeout=self.timeout_s)
+        except _LOST as err:
+            raise ActorLost(f"server block {self.index} lost during {method!r}: {type(err).__name__}") from None
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"server block {self.index} did not answer {method!r} from client {client} "
+                               f"within cluster.task_timeout_s={self.timeout_s}s") from None
 
 
 class RayExecutor:
@@ -42,6 +53,15 @@ class RayExecutor:
     def _pool(self, client: int) -> Any:
         return self.pools[client % len(self.pools)]
 
+    def _get(self, ref: Any, what: str) -> Any:
+        """ray.get with the deadline; a lost actor or a timeout is named."""
+        try:
+            return ray.get(ref, timeout=self.timeout_s)
+        except _LOST as err:
+            raise ActorLost(f"{what} lost: {type(err).__name__}") from None
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"{what} did not answer within cluster.task_timeout_s={self.timeout_s}s") from None
+
     def run_clients(self, program: str, clients: Sequence[int], rnd: int, down: dict, parallel: bool,
                     on_done: Callable[[ClientReply], None],
                     per_client: Optional[Mapping[int, dict]] = None) -> list[ClientReply]:
@@ -50,13 +70,16 @@ class RayExecutor:
         def payload(c: int) -> Any:
             return ray.put({**down, **per_client[c]}) if per_client and c in per_client else shared
 
+        def who(c: int) -> str:
+            return f"client pool {c % len(self.pools)} (running client {c}, round {rnd}, {program})"
+
         if not parallel:
             out = []
             for c in clients:
-                r = ray.get(self._pool(c).run.remote(program, c, rnd, payload(c)), timeout=self.timeout_s)
+                r = self._get(self._pool(c).run.remote(program, c, rnd, payload(c)), who(c))
                 on_done(r)
                 out.append(r)
-                if r.error:
+                if r.error or r.lost:
                     break  # a sequential schedule cannot go on past a failed client
             return out
         refs = {self._pool(c).run.remote(program, c, rnd, payload(c)): i for i, c in enumerate(clients)}
@@ -65,27 +88,52 @@ class RayExecutor:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=self.timeout_s)
             if not ready:
-                raise TimeoutError(f"no client reply within {self.timeout_s}s in round {rnd} "
-                                   f"({len(pending)} of {len(clients)} outstanding)")
-            r = ray.get(ready[0])
+                late = sorted(clients[refs[p]] for p in pending)
+                raise TimeoutError(f"round {rnd}: clients {late[:10]} (on pools "
+                                   f"{sorted({c % len(self.pools) for c in late})}) did not reply within "
+                                   f"cluster.task_timeout_s={self.timeout_s}s")
+            r = self._get(ready[0], who(clients[refs[ready[0]]]))
             results[refs[ready[0]]] = r
             on_done(r)
         return results  # type: ignore[return-value]
 
+    def recover(self, deadline_s: float = 180.0) -> None:
+        """Wait until every pool and server block answers again (Ray restarts a lost one: same
+        handle, fresh process, state to be restored by the caller)."""
+        import time
+
+        end = time.time() + deadline_s
+        for i, a in enumerate(self.pools + self.servers):
+            what = f"client pool {i}" if i < len(self.pools) else f"server block {i - len(self.pools)}"
+            while True:
+                try:
+                    ray.get(a.ping.remote(), timeout=max(1.0, end - time.time()))
+                    break
+                except _LOST:
+                    if time.time() > end:
+                        raise ActorLost(f"{what} did not come back within {deadline_s}s") from None
+                    time.sleep(0.5)
+                except ray.exceptions.GetTimeoutError:
+                    raise ActorLost(f"{what} did not come back within {deadline_s}s") from None
+
     def client_states(self) -> dict:
         out: dict = {}
-        for part in ray.get([p.get_state.remote() for p in self.pools], timeout=self.timeout_s):
-            out.update(part)
+        refs = [p.get_state.remote() for p in self.pools]
+        for i, ref in enumerate(refs):
+            out.update(self._get(ref, f"client pool {i}"))
         return out
 
     def load_client_states(self, states: dict) -> None:
-        ray.get([p.set_state.remote(states) for p in self.pools], timeout=self.timeout_s)
+        ref = ray.put(states)
+        refs = [p.set_state.remote(ref) for p in self.pools]
+        for i, r in enumerate(refs):
+            self._get(r, f"client pool {i}")
 
     def server_control(self, index: int, method: str, *args: Any) -> Any:
-        return ray.get(self.servers[index].control.remote(method, *args), timeout=self.timeout_s)
+        return self._get(self.servers[index].control.remote(method, *args), f"server block {index} ({method})")
 
     def pop_server_flops(self) -> int:
-        return sum(ray.get([s.pop_flops.remote() for s in self.servers], timeout=self.timeout_s))
+        return sum(self._get(s.pop_flops.remote(), f"server block {i}") for i, s in enumerate(self.servers))
 
     def fit_server(self, request: Any) -> list[dict]:
         import tempfile
@@ -138,16 +186,18 @@ def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) ->
     """Create server block and client pool actors and wait until each is alive."""
     pools_n, servers_n = plan_topology(cluster, len(shards), algorithm_cls.wants_server_blocks(blueprint.algorithm))
     server_actor = ray.remote(ServerBlock)
-    servers = [server_actor.options(num_cpus=cluster.server_cpus, num_gpus=cluster.server_gpus,
+    # A lost pool or server block is restarted by Ray (same handle, so every endpoint stays valid);
+    # the coordinator restores its state from the round-start snapshot (see Coordinator).
+    servers = [server_actor.options(num_cpus=cluster.server_cpus, num_gpus=cluster.server_gpus, max_restarts=3,
                                     name=None).remote(algorithm_cls, blueprint, i, cluster.server_gpus > 0)
                for i in range(servers_n)]
-    endpoints = [RayEndpoint(s, cluster.task_timeout_s) for s in servers]
+    endpoints = [RayEndpoint(s, cluster.task_timeout_s, i) for i, s in enumerate(servers)]
     x_ref, y_ref = ray.put(train_x), ray.put(train_y)
     pool_actor = ray.remote(ClientPool)
     pools = []
     for p in range(pools_n):
         mine = {c: shards[c] for c in range(len(shards)) if c % pools_n == p}
-        pools.append(pool_actor.options(num_cpus=cluster.pool_cpus, num_gpus=cluster.client_gpus).remote(
+        pools.append(pool_actor.options(num_cpus=cluster.pool_cpus, num_gpus=cluster.client_gpus, max_restarts=3).remote(
             algorithm_cls, blueprint, x_ref, y_ref, mine, endpoints, cluster.client_gpus))
     try:
         ray.get([a.ping.remote() for a in servers + pools], timeout=cluster.task_timeout_s)
@@ -155,4 +205,7 @@ def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) ->
         raise TimeoutError(f"{pools_n} pool(s) and {servers_n} server block(s) were not all scheduled within "
                            f"{cluster.task_timeout_s}s; cluster resources: {ray.cluster_resources()}") from None
     log.info("started %d client pool(s) and %d server block(s)", pools_n, servers_n)
-    return RayExecutor(pools, servers, cluster.task_timeout_s, blueprint, cluster)
+    ex = RayExecutor(pools, servers, cluster.task_timeout_s, blueprint, cluster)
+    # The pools' constructor arguments must outlive start-up: Ray re-reads them to restart a pool.
+    ex.keep_alive = (x_ref, y_ref)
+    return ex
