@@ -136,11 +136,17 @@ class RayExecutor:
         return sum(self._get(s.pop_flops.remote(), f"server block {i}") for i, s in enumerate(self.servers))
 
     def fit_server(self, request: Any) -> list[dict]:
+        import shutil
         import tempfile
 
         from sfl_ray.runtime.ray_train_fit import fit_with_ray_train
-        storage = self.cluster.storage_path or tempfile.mkdtemp(prefix="sfl_ray_train_")
-        return fit_with_ray_train(self.blueprint, request, self.cluster, storage)
+        if self.cluster.storage_path:  # the user's storage: never ours to remove
+            return fit_with_ray_train(self.blueprint, request, self.cluster, self.cluster.storage_path)
+        storage = tempfile.mkdtemp(prefix="sfl_ray_train_")
+        try:  # the weights come back in memory; the checkpoints are of no further use
+            return fit_with_ray_train(self.blueprint, request, self.cluster, storage)
+        finally:
+            shutil.rmtree(storage, ignore_errors=True)
 
     def placement(self) -> dict:
         """Where each actor runs: node id, GPU ids, device (for checks and the dashboard)."""

@@ -3,6 +3,8 @@
 
 Each epoch every worker reports its loss; rank 0 also reports a checkpoint of the server
 block, so the coordinator gets the weights after every epoch (one metrics row per epoch).
+Checkpoints live on `cluster.storage_path`, shared storage that others may write: they hold
+tensors only (safetensors), so reading one back cannot run code in the coordinator.
 """
 
 from __future__ import annotations
@@ -13,11 +15,28 @@ import uuid
 
 import numpy as np
 import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
 from sfl_ray.metrics.device_cost import FlopCounter
 
 from sfl_ray.runtime.server_fit import ServerFit, train_epoch
-from sfl_ray.runtime.wire import load_weights, to_numpy
+from sfl_ray.runtime.wire import Weights, load_weights, to_numpy
 from sfl_ray.seeding import derive_seed
+
+CHECKPOINT_FILE = "server.safetensors"
+
+
+def save_server_state(module: nn.Module, directory: str) -> None:
+    """The module's state dict as plain tensors (no pickle) in `directory`."""
+    # Own contiguous CPU copies: safetensors refuses tensors that share storage (tied weights).
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()},
+              os.path.join(directory, CHECKPOINT_FILE))
+
+
+def load_server_state(directory: str) -> Weights:
+    """The weights `save_server_state` wrote, as numpy arrays; nothing in the file is executed."""
+    # Copies: the file may be memory-mapped, and shared storage can change under a mapping.
+    return {k: to_numpy(v, copy=True) for k, v in load_file(os.path.join(directory, CHECKPOINT_FILE)).items()}
 
 
 def _loop(config: dict) -> None:
@@ -52,9 +71,7 @@ def _loop(config: dict) -> None:
         metrics = {"epoch": epoch, **stats}
         if ctx.get_world_rank() == 0:
             with tempfile.TemporaryDirectory() as d:
-                inner = model.module if hasattr(model, "module") else model
-                torch.save({k: to_numpy(v, copy=True) for k, v in inner.state_dict().items()},
-                           os.path.join(d, "server.pt"))
+                save_server_state(model.module if hasattr(model, "module") else model, d)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
@@ -94,7 +111,7 @@ def fit_with_ray_train(blueprint, req: ServerFit, cluster, storage_path: str) ->
     out = []
     for ckpt, metrics in sorted(result.best_checkpoints, key=lambda cm: cm[1]["epoch"]):
         with ckpt.as_directory() as d:
-            weights = torch.load(os.path.join(d, "server.pt"), weights_only=False)
+            weights = load_server_state(d)
         out.append({"loss": metrics["loss_sum"] / max(metrics["count"], 1), "flops": int(metrics["flops"]),
                     "server_batch_devices_mean": metrics["devices_per_batch_sum"] / max(metrics["batches"], 1),
                     "samples": int(metrics["count"]), "weights": weights})
