@@ -135,8 +135,10 @@ class ClusterConfig(Section):
     server_cpus: float = Field(1.0, ge=0, description="CPUs reserved per server block actor.")
     server_gpus: float = Field(0.0, ge=0, description="GPUs per server block actor (whole GPUs).")
     torch_threads: int = Field(1, gt=0, description="torch intra-op threads in every process (same on both backends).")
-    task_timeout_s: float = Field(1800.0, gt=0, le=1e7, description="Deadline for any single wait on a remote "
-                                  "call (at most 1e7 s: no wait needs more, and huge values overflow Ray's timers).")
+    task_timeout_s: Optional[float] = Field(
+        None, gt=0, le=1e7, description="Deadline for any single wait on a remote call (s). None = proportionate "
+        "to the work: 600 s until a client call has completed, then 10x the longest client call seen (at least "
+        "60 s); a timeout names the round, the clients and the pool or server block.")
     storage_path: Optional[str] = Field(None, description="Ray Train storage (checkpoints of server fits); "
                                         "None = a temp folder (single node); on a multi-node cluster a shared path or URI.")
 

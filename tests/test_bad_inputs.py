@@ -228,9 +228,9 @@ def test_overwrite_starts_afresh_and_outputs_are_private(tmp_path):
     (run / "old_metrics.jsonl").write_text("stale\n")
     assert _run(_tiny_args(tmp_path, "output.overwrite=true")) == 0
     names = sorted(p.name for p in run.iterdir())
-    assert names == ["config.yaml", "metrics.jsonl", "partition.json", "summary.json"]
-    for p in run.iterdir():
-        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    assert names == ["checkpoints", "config.yaml", "metrics.jsonl", "partition.json", "summary.json"]
+    for p in [*run.iterdir(), *(run / "checkpoints").iterdir()]:
+        assert stat.S_IMODE(p.stat().st_mode) == (0o700 if p.is_dir() else 0o600), p
     # Every numeric key of a real row is a name stop.target_metric accepts.
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     numeric = {k for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

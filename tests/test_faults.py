@@ -69,3 +69,25 @@ def test_a_killed_actor_is_recovered_with_the_same_metrics(tmp_path, ray_cluster
     assert killed.is_set()
     assert summary["totals"]["faults"] >= 1, summary["totals"]
     assert _rows(cfg) == _rows(ref)
+
+
+@pytest.mark.slow
+def test_a_killed_coordinator_is_recovered_from_its_last_checkpoint(tmp_path, ray_cluster):
+    """The coordinator's process dies mid-run: the driver starts a new one from the last
+    checkpoint (pools and server blocks restored from it too) and the run ends as without it."""
+    common = BASE + ["algorithm.name=fsl_sage", *ALGO["fsl_sage"], f"output.dir={tmp_path}",
+                     "output.checkpoint_every=1"]
+    ref = load_config(None, common + ["cluster.backend=local", "output.name=ref"])
+    _run(ref)
+    killed = threading.Event()
+
+    def progress(p: dict) -> None:
+        if not killed.is_set() and p.get("round") in (2, 3):
+            os.kill(p["pid"], signal.SIGKILL)
+            killed.set()
+
+    cfg = load_config(None, common + ["cluster.backend=ray", "cluster.num_pools=2", "output.name=faulty"])
+    summary = _run(cfg, progress)
+    assert killed.is_set()
+    assert summary["totals"]["faults"] >= 1, summary["totals"]
+    assert _rows(cfg) == _rows(ref)

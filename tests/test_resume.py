@@ -165,3 +165,30 @@ def test_checkpoints_hold_the_optimizer_moments_and_keep_the_newest(tmp_path):
     server = state["servers"][0]
     assert set(server["aux"]) == {0, 1, 2, 3} and "__optim__" in server["opt"]
     assert oct((tmp_path / "run" / "checkpoints" / "round-000003.pt").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_nan_in_round_2_exits_1_and_keeps_the_round_1_checkpoint(tmp_path, monkeypatch, caplog):
+    from sfl_ray.algorithms.splitfed_v2 import SplitFedV2
+
+    real = SplitFedV2.client_program
+
+    def diverge(self, ctx, down):
+        up, info = real(self, ctx, down)
+        if ctx.round == 2:
+            info["loss_sum"] = float("nan")
+        return up, info
+
+    monkeypatch.setattr(SplitFedV2, "client_program", diverge)
+    sfl2 = [a for a in TINY if not a.startswith("algorithm.")]
+    sfl2 = [a for i, a in enumerate(sfl2) if not (a == "--set" and i + 1 < len(sfl2) and sfl2[i + 1] == "--set")]
+    code = main(["--config", "jobs/quickstart.yaml", *sfl2, "--set", "algorithm.name=splitfed_v2",
+                 "--set", "cluster.backend=local", "--set", f"output.dir={tmp_path}", "--set", "output.name=run"])
+    assert code == 1
+    failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run failed")]
+    assert failed and "round 2" in failed[0] and "non-finite train loss" in failed[0], failed
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stop_reason"] == "failed" and summary["last_checkpoint_round"] == 1
+    assert "round 2" in summary["error"]
+    monkeypatch.setattr(SplitFedV2, "client_program", real)
+    assert main(["--resume", str(run)]) == 0  # the last good checkpoint carries on

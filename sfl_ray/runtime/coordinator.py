@@ -8,6 +8,7 @@ every reply) -> server FLOPs -> account bytes, FLOPs, memory, time -> evaluate -
 from __future__ import annotations
 
 import enum
+import os
 import importlib.metadata
 import logging
 import math
@@ -108,7 +109,7 @@ class Coordinator:
         self.stop, self.cost_model, self.seed = stop, cost_model, seed
         self.profiles = DeviceProfiles(cost_model, num_clients, seed)
         self.state = State.STARTING
-        self._progress: dict = {"state": self.state.value, "round": 0,
+        self._progress: dict = {"state": self.state.value, "round": 0, "pid": os.getpid(),
                                 "rounds": stop.rounds + algorithm.final_phases(),
                                 "clients_done": 0, "clients_total": 0, "eval_accuracy": None, "row": None}
         self._lock = threading.Lock()

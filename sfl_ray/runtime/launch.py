@@ -90,20 +90,51 @@ def _run_on_ray(algorithm_cls, blueprint, cfg, data, shards, writer, common, sho
     evaluator = Evaluator(blueprint.build_parts(), data.test_x, data.test_y, cfg.train.eval_batch_size)
     # The coordinator stays on the driver's node so a local run directory is where the user looks.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    coord = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2, scheduling_strategy=here).remote(
-        algorithm_cls(blueprint), executor, evaluator, writer, **common)
-    start = ray.get(coord.restore.remote(resume), timeout=cfg.cluster.task_timeout_s) if resume else 1
-    done = coord.run.remote(start)
+    make = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2, scheduling_strategy=here)
+    timeout = cfg.cluster.task_timeout_s or 600.0
+    coord = make.remote(algorithm_cls(blueprint), executor, evaluator, writer, **common)
+    recoveries = 0
     try:
+        start = ray.get(coord.restore.remote(resume), timeout=timeout) if resume else 1
+        done = coord.run.remote(start)
         while True:
-            ready, _ = ray.wait([done], timeout=0.5)
             try:
-                show(ray.get(coord.progress.remote(), timeout=cfg.cluster.task_timeout_s))
-            except ray.exceptions.RayActorError:
-                pass  # the coordinator died; ray.get(done) below raises with the cause
-            if ready:
-                return ray.get(done)
-            time.sleep(0.5)
+                return _wait(coord, done, show, timeout)
+            except ray.exceptions.RayTaskError:
+                raise  # the run itself failed: not a lost process
+            except ray.exceptions.RayActorError as err:
+                # The coordinator's process is gone: continue from its last checkpoint with a new
+                # one (pools and server blocks live on; their state is restored from it too).
+                recoveries += 1
+                from sfl_ray.runtime.checkpoint import Checkpointer, CheckpointError
+                try:
+                    state = Checkpointer(writer).load()
+                except CheckpointError:
+                    raise RuntimeError(f"the coordinator was lost ({type(err).__name__}) before its first "
+                                       f"checkpoint; nothing to continue from") from None
+                if recoveries > 3:
+                    raise
+                log.warning("the coordinator was lost (%s); continuing from the checkpoint of round %d",
+                            type(err).__name__, state["round"])
+                executor.recover()
+                coord = make.remote(algorithm_cls(blueprint), executor, evaluator, writer, **common)
+                start = ray.get(coord.restore.remote(state, True), timeout=timeout)
+                done = coord.run.remote(start)
     finally:
         ray.kill(coord)
         executor.shutdown()
+
+
+def _wait(coord, done, show, timeout: float) -> dict:
+    """Show the coordinator's progress until its run returns."""
+    import ray
+
+    while True:
+        ready, _ = ray.wait([done], timeout=0.5)
+        try:
+            show(ray.get(coord.progress.remote(), timeout=timeout))
+        except ray.exceptions.RayActorError:
+            pass  # the coordinator died; ray.get(done) below raises with the cause
+        if ready:
+            return ray.get(done)
+        time.sleep(0.5)

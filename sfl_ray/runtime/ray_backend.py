@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import ray
@@ -45,10 +46,18 @@ class RayEndpoint:
 class RayExecutor:
     """Dispatches client programs to pool actors and control calls to server actors."""
 
-    def __init__(self, pools: list, servers: list, timeout_s: float, blueprint=None, cluster=None):
-        self.pools, self.servers, self.timeout_s = pools, servers, timeout_s
+    def __init__(self, pools: list, servers: list, timeout_s: Optional[float], blueprint=None, cluster=None):
+        self.pools, self.servers, self.fixed_timeout_s = pools, servers, timeout_s
         self.blueprint, self.cluster = blueprint, cluster
         self.num_servers = len(servers)
+        self.longest_call_s = 0.0  # the slowest client call so far: waits scale with it
+
+    @property
+    def timeout_s(self) -> float:
+        """The deadline of one wait: cluster.task_timeout_s, or proportionate to the work seen."""
+        if self.fixed_timeout_s is not None:
+            return self.fixed_timeout_s
+        return 600.0 if self.longest_call_s == 0 else max(60.0, 10 * self.longest_call_s)
 
     def _pool(self, client: int) -> Any:
         return self.pools[client % len(self.pools)]
@@ -76,13 +85,19 @@ class RayExecutor:
         if not parallel:
             out = []
             for c in clients:
+                t0 = time.perf_counter()
                 r = self._get(self._pool(c).run.remote(program, c, rnd, payload(c)), who(c))
+                self.longest_call_s = max(self.longest_call_s, time.perf_counter() - t0)
                 on_done(r)
                 out.append(r)
                 if r.error or r.lost:
                     break  # a sequential schedule cannot go on past a failed client
             return out
+        t0 = time.perf_counter()
         refs = {self._pool(c).run.remote(program, c, rnd, payload(c)): i for i, c in enumerate(clients)}
+        # A pool runs its clients one after another: a call's share of the wait is the time since
+        # its pool's previous reply.
+        last_reply: dict[int, float] = {}
         results: list[Optional[ClientReply]] = [None] * len(clients)
         pending = list(refs)
         while pending:
@@ -93,6 +108,9 @@ class RayExecutor:
                                    f"{sorted({c % len(self.pools) for c in late})}) did not reply within "
                                    f"cluster.task_timeout_s={self.timeout_s}s")
             r = self._get(ready[0], who(clients[refs[ready[0]]]))
+            now, pool = time.perf_counter(), clients[refs[ready[0]]] % len(self.pools)
+            self.longest_call_s = max(self.longest_call_s, now - last_reply.get(pool, t0))
+            last_reply[pool] = now
             results[refs[ready[0]]] = r
             on_done(r)
         return results  # type: ignore[return-value]
@@ -197,7 +215,8 @@ def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) ->
     servers = [server_actor.options(num_cpus=cluster.server_cpus, num_gpus=cluster.server_gpus, max_restarts=3,
                                     name=None).remote(algorithm_cls, blueprint, i, cluster.server_gpus > 0)
                for i in range(servers_n)]
-    endpoints = [RayEndpoint(s, cluster.task_timeout_s, i) for i, s in enumerate(servers)]
+    # A pool waits on its server block per batch: far less work than a client call.
+    endpoints = [RayEndpoint(s, cluster.task_timeout_s or 600.0, i) for i, s in enumerate(servers)]
     x_ref, y_ref = ray.put(train_x), ray.put(train_y)
     pool_actor = ray.remote(ClientPool)
     pools = []
@@ -206,10 +225,10 @@ def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) ->
         pools.append(pool_actor.options(num_cpus=cluster.pool_cpus, num_gpus=cluster.client_gpus, max_restarts=3).remote(
             algorithm_cls, blueprint, x_ref, y_ref, mine, endpoints, cluster.client_gpus))
     try:
-        ray.get([a.ping.remote() for a in servers + pools], timeout=cluster.task_timeout_s)
+        ray.get([a.ping.remote() for a in servers + pools], timeout=cluster.task_timeout_s or 600.0)
     except ray.exceptions.GetTimeoutError:
         raise TimeoutError(f"{pools_n} pool(s) and {servers_n} server block(s) were not all scheduled within "
-                           f"{cluster.task_timeout_s}s; cluster resources: {ray.cluster_resources()}") from None
+                           f"{cluster.task_timeout_s or 600.0}s; cluster resources: {ray.cluster_resources()}") from None
     log.info("started %d client pool(s) and %d server block(s)", pools_n, servers_n)
     ex = RayExecutor(pools, servers, cluster.task_timeout_s, blueprint, cluster)
     # The pools' constructor arguments must outlive start-up: Ray re-reads them to restart a pool.
