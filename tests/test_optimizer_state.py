@@ -64,3 +64,24 @@ def test_restored_adam_state_counts_as_device_memory(run_dir):
     r1, r2 = (r["device_peak_mem_bytes"] for r in coord.writer.rows)
     device_bytes = sum(p.numel() * 4 for p in ex.pool.parts.device.parameters())
     assert r2 - r1 >= 2 * device_bytes  # exp_avg and exp_avg_sq of every device parameter
+
+
+def test_weights_written_before_they_are_declared_count_once():
+    """load_weights copies into the parameters before the program declares the module: those
+    storages are weights (counted once), not live training tensors as well."""
+    import torch.nn as nn
+
+    from sfl_ray.metrics.device_cost import MemoryTracker, measure_device
+    from sfl_ray.runtime.wire import load_weights, module_weights
+
+    m = nn.Linear(100, 100)
+    weights = module_weights(m)
+    tracker = MemoryTracker()
+    with measure_device(tracker, torch.device("cpu")):
+        load_weights(m, weights)
+        tracker.track_module(m)
+        x = torch.ones(1000, 100)
+        y = x * 2  # 400 kB of live tensors, more than the 40 kB of weights
+        del x, y
+    assert tracker.weights_bytes == 4 * (100 * 100 + 100)
+    assert tracker.peak_bytes == tracker.weights_bytes + 2 * 400_000

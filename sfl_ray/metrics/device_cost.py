@@ -47,6 +47,9 @@ class MemoryTracker:
                 if ptr not in self._param_ptrs:
                     self._param_ptrs.add(ptr)
                     self.weights_bytes += t.untyped_storage().nbytes()
+                    # Written before it was declared (load_weights copies into the parameters
+                    # first): it was counted live; it is a weight, counted once, as such.
+                    self.live -= self._refs.pop(ptr, 0)
 
     def track_optimizer(self, opt: torch.optim.Optimizer) -> None:
         self.optimizers.append(opt)
