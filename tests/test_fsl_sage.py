@@ -4,6 +4,7 @@ is aligned; the buffer keeps only the last M samples; telemetry changes nothing 
 counted FLOPs; only device blocks are averaged."""
 
 import numpy as np
+import pytest
 import torch
 
 from tests.helpers import local_coordinator, small_config
@@ -109,6 +110,7 @@ def test_refresh_and_telemetry_leave_the_server_unchanged_and_uncounted(run_dir)
     assert all(torch.equal(before[k], v) for k, v in server.model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_accuracy_does_not_fall_after_an_alignment_on_the_quickstart_job(tmp_path):
     """The issue's job (quickstart with fsl_sage) up to one round past the second alignment:
     with the default (linear) estimator, aligned from round 1, the realignment of round 11 does

@@ -32,6 +32,7 @@ def _rows(cfg):
 
 
 @pytest.mark.parametrize("algo", ["fsl_sage", "heron_sfl"])
+@pytest.mark.slow
 def test_tiny_gpt2_perplexity_falls_on_both_backends(ray_cluster, run_dir, algo):
     rows = {}
     for backend in ("local", "ray"):

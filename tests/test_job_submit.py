@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts Ray clusters
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -14,6 +14,8 @@ from sfl_ray.runtime.launch import make_blueprint, run_experiment
 from tests.helpers import small_config, without_timing
 
 
+pytestmark = pytest.mark.slow  # starts Ray clusters
+
 def _rows(cfg):
     with open(f"{cfg.run_dir()}/metrics.jsonl") as f:
         return [json.loads(line) for line in f]

@@ -44,6 +44,7 @@ def closed_form(algo: str, rnd: int, sizes: list[int]) -> dict[str, int]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["fedavg", "splitfed_v1", "splitfed_v2", "cse_fsl", "fsl_sage"])
 def test_bytes_per_round_equal_the_reference_accounting(tmp_path, algo):
     data = write_tiny_cifar(tmp_path / "cifar", n_train=220, n_test=10, classes=10)
