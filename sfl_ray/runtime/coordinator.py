@@ -118,7 +118,7 @@ class Coordinator:
         self.checkpoint_every = checkpoint_every
         self.faults = 0            # lost actors recovered (rows and summary say how many)
         self.max_round_attempts = 3
-        self._last_state: Optional[tuple[int, dict]] = None  # (round, state) after that round
+        self._after: Optional[tuple[int, dict]] = None  # (round, state after that round)
         self.checkpointer = None
         if checkpoint_every > 0:
             from sfl_ray.runtime.checkpoint import Checkpointer
@@ -168,19 +168,23 @@ class Coordinator:
             raise
 
     # -- checkpoints -----------------------------------------------------------------------
+    def _gather(self) -> dict:
+        """The state of the schedule, every client and every server block, and the counters."""
+        from sfl_ray.runtime.checkpoint import to_tree
+
+        return {"algorithm": to_tree(self.algorithm.state_dict()), "clients": self.executor.client_states(),
+                "servers": [self.executor.server_control(i, "state_dict") for i in range(self.executor.num_servers)],
+                "coordinator": {"bytes_cum": self.bytes_cum, "sim_cum": self.sim_cum, "faults": self.faults}}
+
     def save_checkpoint(self, rnd: int) -> dict:
         """Everything needed to continue after round `rnd` as if nothing had stopped."""
         from sfl_ray.runtime.checkpoint import to_tree
 
         t0 = time.perf_counter()
-        state = {
-            "algorithm": to_tree(self.algorithm.state_dict()),
-            "clients": self.executor.client_states(),
-            "servers": [self.executor.server_control(i, "state_dict") for i in range(self.executor.num_servers)],
-            "coordinator": {"bytes_cum": self.bytes_cum, "sim_cum": self.sim_cum, "faults": self.faults},
-            "rows": to_tree(self.writer.rows),
-        }
-        self._last_state = (rnd, state)  # also the next round's start snapshot
+        # Where actors can be lost, the state after the round was taken inside it (see _round).
+        state = dict(self._after[1]) if self._after is not None and self._after[0] == rnd else self._gather()
+        state["coordinator"] = {**state["coordinator"], "faults": self.faults}
+        state["rows"] = to_tree(self.writer.rows)
         entry = self.checkpointer.save(rnd, state)
         self.checkpoint_s += time.perf_counter() - t0
         return entry
@@ -198,18 +202,29 @@ class Coordinator:
         self.sim_cum = state["coordinator"]["sim_cum"]
         self.faults = state["coordinator"].get("faults", 0) + int(recovered)
         self.writer.reset_rows(from_tree(state["rows"]))
+        self._after = (int(state["round"]), {k: v for k, v in state.items() if k != "rows"})
         return int(state["round"]) + 1
 
     # -- faults ---------------------------------------------------------------------------
-    def _snapshot(self, rnd: int) -> dict:
-        """Round-start state (the previous round's checkpoint when there is one)."""
-        from sfl_ray.runtime.checkpoint import to_tree
+    @property
+    def _recoverable(self) -> bool:
+        return hasattr(self.executor, "recover")
 
-        if self._last_state is not None and self._last_state[0] == rnd - 1:
-            return self._last_state[1]
-        return {"algorithm": to_tree(self.algorithm.state_dict()), "clients": self.executor.client_states(),
-                "servers": [self.executor.server_control(i, "state_dict") for i in range(self.executor.num_servers)],
-                "coordinator": {"bytes_cum": self.bytes_cum, "sim_cum": self.sim_cum}}
+    def _start_snapshot(self, rnd: int) -> dict:
+        """The state at the start of round `rnd`: taken at the end of the previous round (inside
+        it, so a fault while taking it re-runs that round), or now for the first round."""
+        if self._after is not None and self._after[0] == rnd - 1:
+            return self._after[1]
+        for attempt in range(self.max_round_attempts):
+            try:
+                return self._gather()
+            except ActorLost as err:  # nothing has run since the last restore: a restarted actor is as it was
+                self.faults += 1
+                log.warning("fault before round %d: %s; waiting for the actor", rnd, err)
+                if attempt + 1 == self.max_round_attempts:
+                    raise
+                self.executor.recover()
+        raise AssertionError("unreachable")
 
     def _roll_back(self, snap: dict) -> None:
         from sfl_ray.runtime.checkpoint import from_tree
@@ -227,11 +242,13 @@ class Coordinator:
         """One row: a round of the algorithm, or (final=i) its i-th final phase. Where actors can
         be lost (the Ray backend), a lost pool or server block is waited for (restarted), the
         round-start snapshot restored and the round run again: same seeds, same result."""
-        if not hasattr(self.executor, "recover"):
+        if not self._recoverable:
             return self._round(rnd, final, 0)
-        snap, faults = self._snapshot(rnd), 0
+        snap, faults = self._start_snapshot(rnd), 0
         while True:
             try:
+                if faults:
+                    self._roll_back(snap)
                 return self._round(rnd, final, faults)
             except ActorLost as err:
                 faults += 1
@@ -240,7 +257,6 @@ class Coordinator:
                             faults, rnd, err)
                 if faults >= self.max_round_attempts:
                     raise
-                self._roll_back(snap)
 
     def _round(self, rnd: int, final: Optional[int], faults: int) -> dict:
         clients = self.sample(rnd) if final is None else []
@@ -269,6 +285,8 @@ class Coordinator:
         else:
             row.update({"eval_accuracy": None, "eval_loss": None})
         row["faults"] = faults
+        if self._recoverable:  # the next round's start state, before anything is written
+            self._after = (rnd, self._gather())
         row["wall_s"] = time.perf_counter() - t0
         self.writer.append_row(row)
         check_row(row)  # a NaN server/eval loss ends the run, after its row shows it
