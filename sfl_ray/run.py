@@ -170,11 +170,15 @@ def _check_topology(cfg, algorithm_cls, shards) -> None:
     plan_topology(cfg.cluster, len(shards), algorithm_cls.wants_server_blocks(cfg.algorithm))
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [repr(err)])[0]
+
+
 def _failed(err: BaseException) -> int:
     from sfl_ray.runtime.coordinator import ClientFailed
     from sfl_ray.runtime.finite import NonFiniteError
 
-    first = (str(err).strip().splitlines() or [repr(err)])[0]
+    first = _first_line(err)
     if isinstance(err, NonFiniteError) or "NonFiniteError: " in first:  # the one line says it all
         log.error("run failed: %s (training diverged: lower the learning rate?)", first.split("NonFiniteError: ")[-1])
     else:  # a client failure already carries the client's traceback; others need their own
@@ -235,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log.warning("interrupted by %s; resume with: python -m sfl_ray.run --resume %s", name, path)
             return EXIT_SIGINT if name == "SIGINT" else EXIT_SIGTERM
         except Exception as err:  # noqa: BLE001 - report, exit 1
-            _write_stop(path, "failed", (str(err).strip().splitlines() or [repr(err)])[0])
+            _write_stop(path, "failed", _first_line(err))
             return _failed(err)
         final = summary.get("final") or {}
         metric = ("eval_perplexity" if final.get("eval_perplexity") is not None else "eval_accuracy")

@@ -35,6 +35,27 @@ def _rows(cfg) -> list[dict]:
     return [{k: v for k, v in json.loads(x).items() if k not in IGNORE} for x in lines]
 
 
+def _same_metrics_despite_a_kill(tmp_path, common: list[str], pid_of) -> None:
+    """Run `common` on the local backend (no fault) and on Ray, killing the process `pid_of(progress)`
+    names once round 2 or 3 is under way (the driver polls the coordinator about every second);
+    the Ray run must recover and end with the same rows."""
+    ref = load_config(None, common + [f"output.dir={tmp_path}", "cluster.backend=local", "output.name=ref"])
+    _run(ref)
+    killed = threading.Event()
+
+    def progress(p: dict) -> None:
+        if not killed.is_set() and p.get("round") in (2, 3):
+            os.kill(pid_of(p), signal.SIGKILL)
+            killed.set()
+
+    cfg = load_config(None, common + [f"output.dir={tmp_path}", "cluster.backend=ray", "cluster.num_pools=2",
+                                      "output.name=faulty"])
+    summary = _run(cfg, progress)
+    assert killed.is_set()
+    assert summary["totals"]["faults"] >= 1, summary["totals"]
+    assert _rows(cfg) == _rows(ref)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", ["pool", "server"])
 @pytest.mark.parametrize("algo", list(ALGO))
@@ -43,51 +64,21 @@ def test_a_killed_actor_is_recovered_with_the_same_metrics(tmp_path, ray_cluster
 
     import sfl_ray.runtime.ray_backend as rb
 
-    common = BASE + [f"algorithm.name={algo}", *ALGO[algo], f"output.dir={tmp_path}"]
-    ref = load_config(None, common + ["cluster.backend=local", "output.name=ref"])
-    _run(ref)
-
-    started = {}
+    pids = {}
     real_start = rb.start_actors
 
     def capture(*a, **k):
         ex = real_start(*a, **k)
-        started["pids"] = {"pool": ray.get(ex.pools[0].ping.remote())["pid"],
-                           "server": ray.get(ex.servers[0].ping.remote())["pid"]}
+        pids.update(pool=ray.get(ex.pools[0].ping.remote())["pid"], server=ray.get(ex.servers[0].ping.remote())["pid"])
         return ex
 
     monkeypatch.setattr(rb, "start_actors", capture)
-    killed = threading.Event()
-
-    def progress(p: dict) -> None:  # the driver polls the coordinator (~1 s): kill in round 2 or 3
-        if not killed.is_set() and p.get("round") in (2, 3):
-            os.kill(started["pids"][victim], signal.SIGKILL)
-            killed.set()
-
-    cfg = load_config(None, common + ["cluster.backend=ray", "cluster.num_pools=2", "output.name=faulty"])
-    summary = _run(cfg, progress)
-    assert killed.is_set()
-    assert summary["totals"]["faults"] >= 1, summary["totals"]
-    assert _rows(cfg) == _rows(ref)
+    _same_metrics_despite_a_kill(tmp_path, BASE + [f"algorithm.name={algo}", *ALGO[algo]], lambda p: pids[victim])
 
 
 @pytest.mark.slow
 def test_a_killed_coordinator_is_recovered_from_its_last_checkpoint(tmp_path, ray_cluster):
     """The coordinator's process dies mid-run: the driver starts a new one from the last
     checkpoint (pools and server blocks restored from it too) and the run ends as without it."""
-    common = BASE + ["algorithm.name=fsl_sage", *ALGO["fsl_sage"], f"output.dir={tmp_path}",
-                     "output.checkpoint_every=1"]
-    ref = load_config(None, common + ["cluster.backend=local", "output.name=ref"])
-    _run(ref)
-    killed = threading.Event()
-
-    def progress(p: dict) -> None:
-        if not killed.is_set() and p.get("round") in (2, 3):
-            os.kill(p["pid"], signal.SIGKILL)
-            killed.set()
-
-    cfg = load_config(None, common + ["cluster.backend=ray", "cluster.num_pools=2", "output.name=faulty"])
-    summary = _run(cfg, progress)
-    assert killed.is_set()
-    assert summary["totals"]["faults"] >= 1, summary["totals"]
-    assert _rows(cfg) == _rows(ref)
+    _same_metrics_despite_a_kill(tmp_path, BASE + ["algorithm.name=fsl_sage", *ALGO["fsl_sage"],
+                                                   "output.checkpoint_every=1"], lambda p: p["pid"])

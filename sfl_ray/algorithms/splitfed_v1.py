@@ -28,6 +28,10 @@ class ReplicaServer(ServerProgram):
     momentum) is the client's own and carries over (train.optimizer_state=persist), as the
     reference code keeps one optimizer per server copy for the whole run."""
 
+    # Between rounds a replica is only its optimizer state (kept in opt_state): its weights
+    # restart from the average.
+    _not_state = ServerProgram._not_state + ("replicas",)
+
     def __init__(self, ctx):
         super().__init__(ctx)
         self.base = ctx.build_parts().server
@@ -46,9 +50,8 @@ class ReplicaServer(ServerProgram):
         self.replicas = {}
 
     def state_dict(self) -> dict:
-        """Between rounds a replica is only its optimizer state: its weights restart from the average."""
         self._keep_optimizers()
-        return {k: v for k, v in super().state_dict().items() if k != "replicas"}
+        return super().state_dict()
 
     def _replica(self, client: int) -> tuple:
         if client not in self.replicas:

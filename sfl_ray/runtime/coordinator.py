@@ -189,8 +189,9 @@ class Coordinator:
         self.checkpoint_s += time.perf_counter() - t0
         return entry
 
-    def restore(self, state: dict, recovered: bool = False) -> int:
-        """Continue from a checkpoint (see save_checkpoint); returns the next round to run."""
+    def _load(self, state: dict) -> None:
+        """Put the schedule, every client, every server block and the counters back as `_gather`
+        took them; work done since (server FLOPs) is dropped."""
         from sfl_ray.runtime.checkpoint import from_tree
 
         self.algorithm.load_state_dict(from_tree(state["algorithm"]))
@@ -200,6 +201,12 @@ class Coordinator:
         self.executor.pop_server_flops()
         self.bytes_cum = state["coordinator"]["bytes_cum"]
         self.sim_cum = state["coordinator"]["sim_cum"]
+
+    def restore(self, state: dict, recovered: bool = False) -> int:
+        """Continue from a checkpoint (see save_checkpoint); returns the next round to run."""
+        from sfl_ray.runtime.checkpoint import from_tree
+
+        self._load(state)
         self.faults = state["coordinator"].get("faults", 0) + int(recovered)
         self.writer.reset_rows(from_tree(state["rows"]))
         self._after = (int(state["round"]), {k: v for k, v in state.items() if k != "rows"})
@@ -227,16 +234,10 @@ class Coordinator:
         raise AssertionError("unreachable")
 
     def _roll_back(self, snap: dict) -> None:
-        from sfl_ray.runtime.checkpoint import from_tree
-
+        """After a lost actor: wait for it, then the round-start state (the lost attempt's server
+        work, bytes and time are not the round's)."""
         self.executor.recover()
-        self.algorithm.load_state_dict(from_tree(snap["algorithm"]))
-        self.executor.load_client_states(snap["clients"])
-        for i, s in enumerate(snap["servers"]):
-            self.executor.server_control(i, "load_state_dict", s)
-        self.executor.pop_server_flops()  # the lost attempt's work is not this round's
-        self.bytes_cum = snap["coordinator"]["bytes_cum"]  # nor its bytes and time
-        self.sim_cum = snap["coordinator"]["sim_cum"]
+        self._load(snap)
 
     def run_one_round(self, rnd: int, final: Optional[int] = None) -> dict:
         """One row: a round of the algorithm, or (final=i) its i-th final phase. Where actors can

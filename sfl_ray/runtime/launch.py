@@ -84,14 +84,14 @@ def _run_on_ray(algorithm_cls, blueprint, cfg, data, shards, writer, common, sho
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from sfl_ray.runtime.ray_backend import start_actors
+    from sfl_ray.runtime.ray_backend import FIRST_WAIT_S, start_actors
 
     executor = start_actors(algorithm_cls, blueprint, data.train_x, data.train_y, shards, cfg.cluster)
     evaluator = Evaluator(blueprint.build_parts(), data.test_x, data.test_y, cfg.train.eval_batch_size)
     # The coordinator stays on the driver's node so a local run directory is where the user looks.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     make = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2, scheduling_strategy=here)
-    timeout = cfg.cluster.task_timeout_s or 600.0
+    timeout = cfg.cluster.task_timeout_s or FIRST_WAIT_S
     coord = make.remote(algorithm_cls(blueprint), executor, evaluator, writer, **common)
     recoveries = 0
     try:

@@ -23,6 +23,8 @@ from sfl_ray.runtime.server import ServerBlock
 log = logging.getLogger("sfl_ray.ray")
 
 
+FIRST_WAIT_S = 600.0  # a wait's deadline before any client call has been timed (cluster.task_timeout_s unset)
+
 # Errors that mean "the actor's process is gone" (it is restarted, with its state lost).
 _LOST = (ray.exceptions.RayActorError, getattr(ray.exceptions, "ActorUnavailableError", ray.exceptions.RayActorError))
 
@@ -57,7 +59,7 @@ class RayExecutor:
         """The deadline of one wait: cluster.task_timeout_s, or proportionate to the work seen."""
         if self.fixed_timeout_s is not None:
             return self.fixed_timeout_s
-        return 600.0 if self.longest_call_s == 0 else max(60.0, 10 * self.longest_call_s)
+        return FIRST_WAIT_S if self.longest_call_s == 0 else max(60.0, 10 * self.longest_call_s)
 
     def _pool(self, client: int) -> Any:
         return self.pools[client % len(self.pools)]
@@ -118,8 +120,6 @@ class RayExecutor:
     def recover(self, deadline_s: float = 180.0) -> None:
         """Wait until every pool and server block answers again (Ray restarts a lost one: same
         handle, fresh process, state to be restored by the caller)."""
-        import time
-
         end = time.time() + deadline_s
         for i, a in enumerate(self.pools + self.servers):
             what = f"client pool {i}" if i < len(self.pools) else f"server block {i - len(self.pools)}"
@@ -216,7 +216,7 @@ def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) ->
                                     name=None).remote(algorithm_cls, blueprint, i, cluster.server_gpus > 0)
                for i in range(servers_n)]
     # A pool waits on its server block per batch: far less work than a client call.
-    endpoints = [RayEndpoint(s, cluster.task_timeout_s or 600.0, i) for i, s in enumerate(servers)]
+    endpoints = [RayEndpoint(s, cluster.task_timeout_s or FIRST_WAIT_S, i) for i, s in enumerate(servers)]
     x_ref, y_ref = ray.put(train_x), ray.put(train_y)
     pool_actor = ray.remote(ClientPool)
     pools = []
@@ -224,11 +224,12 @@ def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) ->
         mine = {c: shards[c] for c in range(len(shards)) if c % pools_n == p}
         pools.append(pool_actor.options(num_cpus=cluster.pool_cpus, num_gpus=cluster.client_gpus, max_restarts=3).remote(
             algorithm_cls, blueprint, x_ref, y_ref, mine, endpoints, cluster.client_gpus))
+    wait = cluster.task_timeout_s or FIRST_WAIT_S
     try:
-        ray.get([a.ping.remote() for a in servers + pools], timeout=cluster.task_timeout_s or 600.0)
+        ray.get([a.ping.remote() for a in servers + pools], timeout=wait)
     except ray.exceptions.GetTimeoutError:
         raise TimeoutError(f"{pools_n} pool(s) and {servers_n} server block(s) were not all scheduled within "
-                           f"{cluster.task_timeout_s or 600.0}s; cluster resources: {ray.cluster_resources()}") from None
+                           f"{wait}s; cluster resources: {ray.cluster_resources()}") from None
     log.info("started %d client pool(s) and %d server block(s)", pools_n, servers_n)
     ex = RayExecutor(pools, servers, cluster.task_timeout_s, blueprint, cluster)
     # The pools' constructor arguments must outlive start-up: Ray re-reads them to restart a pool.
