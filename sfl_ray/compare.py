@@ -29,16 +29,16 @@ def table(results: list[dict]) -> str:
     head = (f"| algorithm | rounds | first {label} | final {label} | GiB moved | device TFLOPs | device peak MiB "
             "| server TFLOPs | sim time s | wall s |\n|---|---|---|---|---|---|---|---|---|---|\n")
 
-    def fmt(v):
-        return "-" if v is None else f"{v:.4f}"
+    def fmt(v, scale: float = 1.0, digits: int = 4):
+        return "-" if v is None else f"{v / scale:.{digits}f}"  # not measured (metrics.measure=off)
 
     lines = []
     for r in results:
         t, f = r["totals"], r["final"] or {}
         first = r.get("first_eval", {}).get(metric)
         lines.append(f"| {r['algorithm']} | {r['rounds']} | {fmt(first)} | {fmt(f.get(metric))} | {t['gib']:.4f} | "
-                     f"{t['device_flops'] / 1e12:.3f} | {t['device_peak_mem_bytes'] / 2**20:.2f} | "
-                     f"{t['server_flops'] / 1e12:.3f} | {t['sim_s']:.1f} | {t['wall_s']:.1f} |")
+                     f"{fmt(t['device_flops'], 1e12, 3)} | {fmt(t['device_peak_mem_bytes'], 2**20, 2)} | "
+                     f"{fmt(t['server_flops'], 1e12, 3)} | {fmt(t['sim_s'], 1, 1)} | {t['wall_s']:.1f} |")
     return head + "\n".join(lines) + "\n"
 
 

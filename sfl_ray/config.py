@@ -197,6 +197,23 @@ class LinkConfig(Section):
                                "FSL-SAGE reference code's accounting (labels move but are not counted).")
 
 
+class MetricsConfig(Section):
+    measure: Literal["exact", "sampled", "off"] = Field(
+        "sampled", description="How device cost is measured. exact: every op of every client is observed "
+        "(FLOPs and peak memory; +40% time on a CPU). sampled: FLOPs exact, each step shape measured once and "
+        "reused; peak memory tracked on memory_clients clients of every memory_every-th round. off: nothing "
+        "(device_flops, device_peak_mem_bytes, server_flops and simulated time are null and rows say so).")
+    memory_clients: int = Field(1, gt=0, description="sampled: clients per round whose device memory is tracked, "
+                                "drawn from the seed among the round's clients holding at least one full batch.")
+    memory_every: int = Field(1, gt=0, description="sampled: track memory in round 1 and every N-th round; the "
+                              "other rows report device_peak_mem_bytes null (not measured).")
+
+    @field_validator("measure", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML 1.1 reads a bare `off` as false
+
+
 class OutputConfig(Section):
     dir: str = Field("runs", min_length=1, description="Folder that holds run directories.")
     name: Optional[str] = Field(None, description="Run directory name, a plain folder name (no '/', '\\' or "
@@ -231,6 +248,7 @@ class ExperimentConfig(Section):
     cluster: ClusterConfig = ClusterConfig()
     cost_model: CostModelConfig = CostModelConfig()
     link: LinkConfig = LinkConfig()
+    metrics: MetricsConfig = MetricsConfig()
     stop: StopConfig = StopConfig()
     output: OutputConfig = OutputConfig()
     seed: int = Field(0, ge=0, description="Root seed of every random stream.")

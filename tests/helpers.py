@@ -8,6 +8,7 @@ from sfl_ray.runtime.coordinator import Coordinator
 from sfl_ray.runtime.launch import make_blueprint
 from sfl_ray.runtime.local_backend import LocalExecutor
 from sfl_ray.metrics.evaluate import Evaluator
+from sfl_ray.metrics.sampling import MeasurePlan
 from sfl_ray.metrics.writer import RunWriter
 
 TIMING_KEYS = {"wall_s"}
@@ -31,7 +32,9 @@ def local_coordinator(cfg: ExperimentConfig) -> tuple[Coordinator, LocalExecutor
     ev = Evaluator(bp.build_parts(), data.test_x, data.test_y, cfg.train.eval_batch_size)
     coord = Coordinator(algorithm_cls(bp), ex, ev, RunWriter(cfg.run_dir()),
                         num_clients=cfg.train.num_clients, clients_per_round=cfg.train.sampled_count(),
-                        stop=cfg.stop, cost_model=cfg.cost_model, seed=cfg.seed)
+                        stop=cfg.stop, cost_model=cfg.cost_model, seed=cfg.seed,
+                        measure=MeasurePlan.from_config(cfg.metrics, cfg.seed, [len(s) for s in shards],
+                                                        cfg.train.batch_size))
     return coord, ex
 
 

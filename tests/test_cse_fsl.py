@@ -41,8 +41,8 @@ def test_device_and_aux_are_fedavgd(run_dir):
     seen = {}
     real = ex.run_clients
 
-    def spy(program, clients, rnd, down, parallel, on_done, per_client=None):
-        replies = real(program, clients, rnd, down, parallel, on_done, per_client)
+    def spy(program, clients, rnd, down, parallel, on_done, per_client=None, measure=None):
+        replies = real(program, clients, rnd, down, parallel, on_done, per_client, measure)
         seen["replies"] = replies
         return replies
 

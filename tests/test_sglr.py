@@ -40,10 +40,10 @@ def _spy_downs(ex, program="sglr_backward"):
     """Record (client, down) of every run of `program`, in order."""
     seen, real = [], ex.pool.run
 
-    def run(prog, client, rnd, down):
+    def run(prog, client, rnd, down, *measure):
         if prog == program:
             seen.append((client, down))
-        return real(prog, client, rnd, down)
+        return real(prog, client, rnd, down, *measure)
 
     ex.pool.run = run
     return seen

@@ -145,8 +145,11 @@ class HeronSFL(CSEFSL):
         loss_sum, count, k_total = 0.0, 0, ctx.num_batches()
         with torch.no_grad():  # no autograd graph, hence no tensor saved for backward, ever
             for epoch in range(ctx.train.local_epochs):
-                for k, (x, y) in enumerate(ctx.batches(epoch)):
-                    upload = upload_batches(k, k_total, self.config.upload_every, self.config.upload_phase)
+                # An uploading step runs one more device forward: its FLOPs differ from the others'.
+                uploads = lambda k: upload_batches(k, k_total, self.config.upload_every,  # noqa: E731
+                                                   self.config.upload_phase)
+                for k, (x, y) in enumerate(ctx.batches(epoch, varies=uploads)):
+                    upload = uploads(k)
                     loss_sum += self._zo_step(ctx, device, aux, params, x, y, (epoch, k), upload) * len(y)
                     count += len(y)
         return ({"weights": module_weights(device), "aux_weights": module_weights(aux)},

@@ -269,6 +269,7 @@ class SGLR(Algorithm):
         ctx.on_device(model)
         model.train()
         x, y = next(st["batches"])
+        ctx.rest_is_step(tuple(x.shape))
         z = model(x)
         st["pending"] = z
         ctx.continue_measuring()
@@ -278,6 +279,7 @@ class SGLR(Algorithm):
         """Backpropagate the received cut gradient through this client's block and step."""
         st = ctx.state
         z = st.pop("pending")
+        ctx.rest_is_step(tuple(z.shape))
         # The client's own optimizer, its state restored (and counted as device memory) by the runtime.
         opt = ctx.optimizer([st["model"]])
         opt.zero_grad()

@@ -25,6 +25,8 @@ class SplitFedV2Config(SplitConfigMixin):
 class SingleServer(ServerProgram):
     """One server block with a persistent optimizer, stepped once per received batch."""
 
+    flops_by_shape = frozenset({"train_step"})
+
     def __init__(self, ctx):
         super().__init__(ctx)
         self.model = ctx.build_parts().server

@@ -133,17 +133,126 @@ class FlopCounter(TorchDispatchMode):
 @contextlib.contextmanager
 def measure_device(tracker: MemoryTracker, device: torch.device) -> Iterator[dict]:
     """Count FLOPs and track memory of the code inside; fills the yielded dict on exit."""
-    result: dict = {}
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    counter = FlopCounter(on_output=tracker._watch)
-    with counter, tracker.saving():
+    meter = Meter("exact", device, tracker=tracker)
+    with meter.measuring() as result:
         yield result
-    result["flops"] = counter.flops
-    result["peak_mem_bytes"] = int(tracker.peak_bytes)
-    result["saved_tensors"] = tracker.saved_count
-    result["cuda_peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(device)) if cuda else 0
+
+
+MEASURE_MODES = ("exact", "flops", "off")
+
+
+class FlopCache:
+    """FLOPs of a unit of work (a client's batch step, a server request) by what determines them:
+    the program, the shapes and dtypes it is handed, and what the algorithm says varies per batch.
+    Measured once per key in a process, then reused: the count stays exact, the per-op Python
+    dispatch is paid once per shape instead of once per op of every batch."""
+
+    def __init__(self) -> None:
+        self.flops: dict[tuple, int] = {}
+        self.hits = 0
+        self.misses = 0
+        self.conflicts: list[tuple] = []  # keys whose steps differed: the key misses what varies
+
+
+class Meter:
+    """How one client program run is measured.
+
+    - exact: every op is seen: FLOPs and live tensors (peak memory), as `measure_device`.
+    - flops: FLOPs only; a batch step whose key is in the cache is run unobserved and its cached
+      count added (the memory peak is left to the sampled exact runs).
+    - off: nothing is measured; the result says None.
+    On a GPU the CUDA allocator's own peak is read in every mode but off (no per-op hook)."""
+
+    def __init__(self, mode: str, device: torch.device, tracker: Optional[MemoryTracker] = None,
+                 cache: Optional[FlopCache] = None):
+        if mode not in MEASURE_MODES:
+            raise ValueError(f"measure mode {mode!r}: one of {MEASURE_MODES}")
+        self.mode, self.device = mode, device
+        self.tracker = tracker if tracker is not None else MemoryTracker()
+        self.cache = cache if cache is not None else FlopCache()
+        self.counter: Optional[FlopCounter] = None
+        self.cached_flops = 0
+        self.open = False
+        self._suspended = False
+        self._tail: Optional[tuple] = None
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[dict]:
+        """Measure the code inside; fills the yielded dict on exit (values None when not measured)."""
+        result: dict = {}
+        cuda = self.device.type == "cuda" and self.mode != "off"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.open = True
+        try:
+            if self.mode == "off":
+                yield result
+            elif self.mode == "exact":
+                self.counter = FlopCounter(on_output=self.tracker._watch)
+                with self.counter, self.tracker.saving():
+                    yield result
+                    self.end_batch(self._tail)
+            else:
+                self.counter = FlopCounter()
+                with self._counting():
+                    yield result
+                    self.end_batch(self._tail)
+        finally:
+            self.open = False
+        counted = self.counter is not None
+        result["flops"] = self.counter.flops + self.cached_flops if counted else None
+        result["peak_mem_bytes"] = int(self.tracker.peak_bytes) if self.mode == "exact" else None
+        result["saved_tensors"] = self.tracker.saved_count if self.mode == "exact" else 0
+        result["cuda_peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(self.device)) if cuda else None
+
+    @contextlib.contextmanager
+    def _counting(self) -> Iterator[None]:
+        self.counter.__enter__()
+        try:
+            yield
+        finally:
+            if not self._suspended:  # a batch left unobserved at the end is already off the stack
+                self.counter.__exit__(None, None, None)
+            self._suspended = False
+
+    # -- batch windows: the work between one batch being handed out and the next -----------------
+    def begin_batch(self, key: tuple) -> Optional[tuple]:
+        """A batch step begins; returns a token for end_batch (None: nothing to do)."""
+        if not self.open or self.counter is None or self._suspended:
+            return None
+        if self.mode == "flops" and key in self.cache.flops and _on_top(self.counter):
+            self.counter.__exit__(None, None, None)  # the step runs unobserved
+            self._suspended = True
+            self.cached_flops += self.cache.flops[key]
+            self.cache.hits += 1
+            return ("hit", key)
+        self.cache.misses += key not in self.cache.flops
+        return ("measure", key, self.counter.flops)
+
+    def rest_is_step(self, key: tuple) -> None:
+        """The rest of the program is one step whose FLOPs depend on `key` alone (a program that
+        runs one batch step per call)."""
+        if self._tail is None:
+            self._tail = self.begin_batch(key)
+
+    def end_batch(self, token: Optional[tuple]) -> None:
+        """The batch step ended (the next batch was asked for, or the loop left)."""
+        if token is None or not self.open:
+            return  # e.g. a batch iterator kept across programs: it ends in another program
+        if token[0] == "hit":
+            if self._suspended:
+                self.counter.__enter__()
+                self._suspended = False
+        elif _on_top(self.counter):
+            flops, key = self.counter.flops - token[2], token[1]
+            if self.cache.flops.setdefault(key, flops) != flops and key not in self.cache.conflicts:
+                self.cache.conflicts.append(key)
+
+
+def _on_top(mode: TorchDispatchMode) -> bool:
+    """Whether `mode` is the innermost dispatch mode (so it can be left and re-entered in place)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    return _get_current_dispatch_mode() is mode
 
 
 @contextlib.contextmanager

@@ -21,6 +21,7 @@ import torch
 
 from sfl_ray.metrics.cost_model import DeviceProfiles, group_time, server_time
 from sfl_ray.metrics.evaluate import Evaluator
+from sfl_ray.metrics.sampling import MeasurePlan, RoundMeasure
 from sfl_ray.metrics.writer import RunWriter
 from sfl_ray.runtime.faults import ActorLost
 from sfl_ray.runtime.finite import check_row
@@ -50,7 +51,8 @@ class Executor(Protocol):
 
     def run_clients(self, program: str, clients: Sequence[int], rnd: int, down: dict, parallel: bool,
                     on_done: Callable[[ClientReply], None],
-                    per_client: Optional[Mapping[int, dict]] = None) -> list[ClientReply]: ...
+                    per_client: Optional[Mapping[int, dict]] = None,
+                    measure: Optional[Callable[[int], str]] = None) -> list[ClientReply]: ...
 
     def server_control(self, index: int, method: str, *args: Any) -> Any: ...
 
@@ -66,13 +68,17 @@ class Executor(Protocol):
 class _Round(RoundRuntime):
     """The RoundRuntime handed to a schedule: records every reply and dispatch group."""
 
-    def __init__(self, executor: Executor, rnd: int, on_done: Callable[[ClientReply], None]):
+    def __init__(self, executor: Executor, rnd: int, on_done: Callable[[ClientReply], None],
+                 measure: Optional[RoundMeasure] = None):
         self.executor, self.rnd, self.on_done = executor, rnd, on_done
+        self.measure = measure or MeasurePlan().for_round(rnd)
         self.num_servers = executor.num_servers
         self.groups: list[tuple[bool, list[ClientReply]]] = []
 
     def clients(self, ids, down, parallel=True, program="client_program", per_client=None):
-        replies = self.executor.run_clients(program, list(ids), self.rnd, down, parallel, self.on_done, per_client)
+        self.measure.pick(list(ids))
+        replies = self.executor.run_clients(program, list(ids), self.rnd, down, parallel, self.on_done, per_client,
+                                            measure=self.measure.mode)
         lost = [r for r in replies if r.lost]
         if lost:
             raise ActorLost(f"round {self.rnd}, client {lost[0].client}: {lost[0].lost}")
@@ -101,8 +107,10 @@ class Coordinator:
     def __init__(self, algorithm: Algorithm, executor: Executor, evaluator: Evaluator, writer: RunWriter,
                  *, num_clients: int, clients_per_round: int, stop, cost_model, seed: int,
                  torch_threads: int = 1, on_row: Optional[Callable[[dict], None]] = None,
-                 checkpoint_every: int = 0, keep_checkpoints: int = 2):
+                 checkpoint_every: int = 0, keep_checkpoints: int = 2,
+                 measure: Optional[MeasurePlan] = None):
         torch.set_num_threads(torch_threads)
+        self.measure = measure or MeasurePlan()  # exact unless the launcher says (metrics.measure)
         self.on_row = on_row
         self.algorithm, self.executor, self.evaluator, self.writer = algorithm, executor, evaluator, writer
         self.num_clients, self.per_round = num_clients, clients_per_round
@@ -270,7 +278,7 @@ class Coordinator:
             self._set(clients_done=len(done))
 
         t0 = time.perf_counter()
-        rt = _Round(self.executor, rnd, on_done)
+        rt = _Round(self.executor, rnd, on_done, self.measure.for_round(rnd, clients))
         if final is None:
             summary = self.algorithm.run_round(rt, rnd, clients)
         else:
@@ -297,7 +305,7 @@ class Coordinator:
             self.on_row(self.progress())
         return row
 
-    def _account(self, rnd: int, rt: _Round, summary, server_flops: int, clients: list[int]) -> dict:
+    def _account(self, rnd: int, rt: _Round, summary, server_flops: Optional[int], clients: list[int]) -> dict:
         replies = rt.replies
         by_kind: dict[str, int] = {}
         for r in replies:
@@ -306,22 +314,30 @@ class Coordinator:
         up = sum(v for k, v in by_kind.items() if k.startswith("up/"))
         down = sum(v for k, v in by_kind.items() if k.startswith("down/"))
         self.bytes_cum += up + down
-        sim = sum(group_time([self._client_time(r) for r in rs], par) for par, rs in rt.groups)
-        sim += server_time(server_flops, self.cost_model)
-        self.sim_cum += sim
+        counted = self.measure.mode != "off"
+        if counted:  # simulated time needs the FLOPs
+            sim = sum(group_time([self._client_time(r) for r in rs], par) for par, rs in rt.groups)
+            sim += server_time(server_flops, self.cost_model)
+            self.sim_cum += sim
         loss = summary.train_loss
         if loss is None or (isinstance(loss, float) and math.isnan(loss)):
             n = sum(r.info.get("loss_count", 0) for r in replies if "loss_sum" in r.info)
             loss = sum(r.info["loss_sum"] for r in replies if "loss_sum" in r.info) / n if n else None
+        peaks = [r.peak_mem_bytes for r in replies if r.peak_mem_bytes is not None]
+        cuda_peaks = [r.cuda_peak_mem_bytes for r in replies if r.cuda_peak_mem_bytes is not None]
         return {
             "round": rnd, "algorithm": self.algorithm.name, "phase": summary.phase,
             "clients": len({r.client for r in replies}) or len(clients), "train_loss": loss,
             "bytes_up": up, "bytes_down": down, "bytes_cum": self.bytes_cum,
             "bytes_by_kind": dict(sorted(by_kind.items())),
-            "device_flops": sum(r.flops for r in replies),
-            "device_peak_mem_bytes": max((r.peak_mem_bytes for r in replies), default=0),
-            "device_cuda_peak_mem_bytes": max((r.cuda_peak_mem_bytes for r in replies), default=0),
-            "server_flops": server_flops, "sim_s": sim, "sim_cum_s": self.sim_cum,
+            "measure": self.measure.mode,
+            "device_flops": sum(r.flops for r in replies) if counted else None,
+            # The peak of the clients whose memory was tracked (all of them with measure=exact).
+            "device_peak_mem_bytes": (max(peaks) if peaks else (0 if not replies and counted else None)),
+            "mem_clients": len({r.client for r in replies if r.peak_mem_bytes is not None}),
+            "device_cuda_peak_mem_bytes": max(cuda_peaks) if cuda_peaks else (0 if counted else None),
+            "server_flops": server_flops if counted else None,
+            "sim_s": sim if counted else None, "sim_cum_s": self.sim_cum if counted else None,
             **summary.extra,
         }
 
@@ -365,12 +381,21 @@ class Coordinator:
             "best_eval_accuracy": max(evals) if evals else None,
             "totals": {
                 "bytes": self.bytes_cum, "gib": self.bytes_cum / GIB,
-                "device_flops": sum(r["device_flops"] for r in rows),
-                "server_flops": sum(r["server_flops"] for r in rows),
-                "device_peak_mem_bytes": max((r["device_peak_mem_bytes"] for r in rows), default=0),
-                "wall_s": sum(r["wall_s"] for r in rows), "sim_s": self.sim_cum,
+                "measure": self.measure.mode,
+                "device_flops": _total(r["device_flops"] for r in rows),
+                "server_flops": _total(r["server_flops"] for r in rows),
+                "device_peak_mem_bytes": max((r["device_peak_mem_bytes"] for r in rows
+                                              if r["device_peak_mem_bytes"] is not None), default=None),
+                "wall_s": sum(r["wall_s"] for r in rows),
+                "sim_s": self.sim_cum if self.measure.mode != "off" else None,
                 "checkpoint_s": self.checkpoint_s, "faults": self.faults,
             },
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "ray": version("ray"), "sfl_ray": version("sfl_ray")},
         }
+
+
+def _total(values) -> Optional[int]:
+    """Sum of a measured column; None if it was not measured (metrics.measure=off)."""
+    values = list(values)
+    return None if any(v is None for v in values) else sum(values)

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 
 from sfl_ray.data.sources import ArrayDataset
 from sfl_ray.metrics.evaluate import Evaluator
+from sfl_ray.metrics.sampling import MeasurePlan
 from sfl_ray.metrics.writer import RunWriter
 from sfl_ray.runtime.coordinator import Coordinator
 from sfl_ray.runtime.protocol import Algorithm, Blueprint
@@ -21,7 +22,7 @@ def make_blueprint(cfg: Any, data: ArrayDataset) -> Blueprint:
     return Blueprint(model_name=cfg.model.name, cut=cfg.model.cut, in_shape=data.input_shape,
                      num_classes=data.num_classes, seed=cfg.seed, train=cfg.train, algorithm=cfg.algorithm,
                      torch_threads=cfg.cluster.torch_threads, rounds=cfg.stop.rounds, model=cfg.model,
-                     count_labels=cfg.link.count_labels, augment=cfg.data.augment)
+                     count_labels=cfg.link.count_labels, augment=cfg.data.augment, measure=cfg.metrics.measure)
 
 
 def format_progress(p: dict) -> str:
@@ -68,7 +69,9 @@ def run_experiment(algorithm_cls: type[Algorithm], cfg: Any, data: ArrayDataset,
     writer = RunWriter(cfg.run_dir())
     common = dict(num_clients=cfg.train.num_clients, clients_per_round=cfg.train.sampled_count(),
                   stop=cfg.stop, cost_model=cfg.cost_model, seed=cfg.seed, torch_threads=cfg.cluster.torch_threads,
-                  checkpoint_every=cfg.output.checkpoint_every, keep_checkpoints=cfg.output.keep_checkpoints)
+                  checkpoint_every=cfg.output.checkpoint_every, keep_checkpoints=cfg.output.keep_checkpoints,
+                  measure=MeasurePlan.from_config(cfg.metrics, cfg.seed, [len(s) for s in shards],
+                                                  cfg.train.batch_size))
     if cfg.cluster.backend == "local":
         from sfl_ray.runtime.local_backend import LocalExecutor
         import torch

@@ -41,10 +41,12 @@ class LocalExecutor:
 
     def run_clients(self, program: str, clients: Sequence[int], rnd: int, down: dict, parallel: bool,
                     on_done: Callable[[ClientReply], None],
-                    per_client: Optional[Mapping[int, dict]] = None) -> list[ClientReply]:
+                    per_client: Optional[Mapping[int, dict]] = None,
+                    measure: Optional[Callable[[int], str]] = None) -> list[ClientReply]:
         replies = []
         for c in clients:
-            r = self.pool.run(program, c, rnd, {**down, **per_client.get(c, {})} if per_client else down)
+            r = self.pool.run(program, c, rnd, {**down, **per_client.get(c, {})} if per_client else down,
+                              measure(c) if measure else "exact")
             # As serialisation does on Ray: the reply must not keep the device's tensors alive (an
             # upload shares its storage), or the device's memory tracker sees them live too long.
             r.up = _copy(r.up)

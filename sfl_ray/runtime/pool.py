@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from sfl_ray.metrics.device_cost import MemoryTracker, measure_device
+from sfl_ray.metrics.device_cost import FlopCache, MemoryTracker, Meter
 from sfl_ray.runtime.finite import check_client_reply
 from sfl_ray.runtime.faults import ActorLost
 from sfl_ray.runtime.link import DOWN, UP, Ledger, Link, ServerEndpoint
@@ -65,6 +65,7 @@ class ClientPool:
         self.state: dict[int, dict] = {c: {} for c in self.shards}
         # A client whose program continues in its next call keeps one memory tracker across them.
         self._open_trackers: dict[int, MemoryTracker] = {}
+        self.flop_cache = FlopCache()  # step FLOPs by shape, shared by every client of this pool
 
     def get_state(self) -> dict:
         """Every hosted client's persistent state (optimizer moments, aux models, own blocks) as a
@@ -92,22 +93,25 @@ class ClientPool:
         """Where this pool runs (for placement checks and health)."""
         return {**where_am_i(), "clients": sorted(self.shards), "device": str(self.device)}
 
-    def run(self, program: str, client: int, rnd: int, down: dict) -> ClientReply:
-        """Run one client's program for one round; failures come back as values."""
+    def run(self, program: str, client: int, rnd: int, down: dict, measure: str = "exact") -> ClientReply:
+        """Run one client's program for one round; failures come back as values. `measure`: exact
+        (FLOPs and memory), flops (FLOPs, cached per step shape) or off."""
         endpoint: Optional[ServerEndpoint] = None
         if self.servers:
             endpoint = self.servers[client % len(self.servers)]
         ledger = Ledger(count_labels=self.blueprint.count_labels)
         ledger.record(DOWN, down)
         tracker = self._open_trackers.pop(client, None) or MemoryTracker()
+        meter = Meter(measure, self.device, tracker, self.flop_cache)
         ctx = ClientContext(client, rnd, self.blueprint, self.parts, self.data, self.shards[client],
-                            Link(endpoint, client, ledger), self.state[client], tracker, self.device)
+                            Link(endpoint, client, ledger), self.state[client], tracker, self.device,
+                            meter=meter, program=program)
         reply = ClientReply(client=client)
         try:
-            with measure_device(tracker, self.device) as cost:
+            with meter.measuring() as cost:
                 up, info = getattr(self.algorithm, program)(ctx, down)
             ctx.save_optimizers()
-            if ctx.keep_measuring:
+            if ctx.keep_measuring and measure == "exact":
                 self._open_trackers[client] = tracker
             up = pack(up)
             check_client_reply(client, rnd, up, info)  # a NaN loss or upload is this client's error

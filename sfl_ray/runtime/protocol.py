@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, ClassVar, Hashable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from sfl_ray.config_base import Section
 from sfl_ray.data.batches import client_batches
-from sfl_ray.metrics.device_cost import MemoryTracker
+from sfl_ray.metrics.device_cost import MemoryTracker, Meter
 from sfl_ray.models.split import ModelParts, build_parts
 from sfl_ray.runtime.link import Link
 from sfl_ray.seeding import derive_seed, torch_gen
@@ -42,6 +42,7 @@ class Blueprint:
     model: Any = None   # the ModelConfig (transformer shape, LoRA)
     count_labels: bool = True  # link.count_labels: whether labels count as link bytes
     augment: str = "none"  # data.augment, on client training batches
+    measure: str = "exact"  # metrics.measure: how server blocks count their FLOPs (clients: per round)
 
     @property
     def persist_optimizers(self) -> bool:
@@ -69,9 +70,9 @@ class ClientReply:
     info: dict = field(default_factory=dict)          # telemetry, not counted (num_samples, loss_sum, ...)
     bytes: dict = field(default_factory=dict)         # "direction/kind" -> bytes, includes `up`, down and link calls
     messages: dict = field(default_factory=dict)      # direction -> count
-    flops: int = 0
-    peak_mem_bytes: int = 0
-    cuda_peak_mem_bytes: int = 0
+    flops: Optional[int] = 0                          # None: not measured (metrics.measure=off)
+    peak_mem_bytes: Optional[int] = 0                 # None: not measured for this client (sampled/off)
+    cuda_peak_mem_bytes: Optional[int] = 0
     saved_tensors: int = 0
     error: Optional[str] = None                       # traceback if the program failed
     lost: Optional[str] = None                        # a server block it talked to died (ActorLost)
@@ -82,8 +83,10 @@ class ClientContext:
 
     def __init__(self, client: int, rnd: int, blueprint: Blueprint, parts: ModelParts,
                  data: tuple[np.ndarray, np.ndarray], indices: np.ndarray, link: Link,
-                 state: dict, tracker: MemoryTracker, device: torch.device):
+                 state: dict, tracker: MemoryTracker, device: torch.device, meter: Optional[Meter] = None,
+                 program: str = "client_program"):
         self.client, self.round, self.blueprint = client, rnd, blueprint
+        self.meter, self.program = meter, program
         self.parts, self.link, self.state, self.device = parts, link, state, device
         self.config, self.train = blueprint.algorithm, blueprint.train
         self._data, self.indices, self._tracker = data, indices, tracker
@@ -94,12 +97,32 @@ class ClientContext:
     def num_samples(self) -> int:
         return int(len(self.indices))
 
-    def batches(self, epoch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This client's shuffled mini-batches for one local epoch (order from seed, round, client)."""
+    def batches(self, epoch: int = 0, varies: Optional[Callable[[int], Hashable]] = None
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This client's shuffled mini-batches for one local epoch (order from seed, round, client).
+
+        The work a program does between two batches is one step: its FLOPs are measured once per
+        (program, batch shapes, varies(k)) and reused (metrics.measure=sampled). A program whose
+        step work depends on the batch index k beyond its shape (e.g. an extra forward on the
+        batches it uploads) says how through `varies`."""
         x, y = self._data
-        for xb, yb in client_batches(x, y, self.indices, self.train.batch_size, self.blueprint.seed,
-                                     self.round, self.client, epoch, self.blueprint.augment):
-            yield xb.to(self.device), yb.to(self.device)
+        for k, (xb, yb) in enumerate(client_batches(x, y, self.indices, self.train.batch_size, self.blueprint.seed,
+                                                    self.round, self.client, epoch, self.blueprint.augment)):
+            token = None
+            if self.meter is not None:
+                token = self.meter.begin_batch((self.program, tuple(xb.shape), str(xb.dtype), tuple(yb.shape),
+                                                varies(k) if varies is not None else None))
+            try:
+                yield xb.to(self.device), yb.to(self.device)
+            finally:
+                if self.meter is not None:
+                    self.meter.end_batch(token)
+
+    def rest_is_step(self, *key: Hashable) -> None:
+        """The rest of this program is one step whose FLOPs are a function of `key` (e.g. the
+        batch shape) alone: under metrics.measure=sampled they are measured once per key."""
+        if self.meter is not None:
+            self.meter.rest_is_step((self.program, *key))
 
     def num_batches(self) -> int:
         return -(-self.num_samples // self.train.batch_size)
@@ -179,6 +202,9 @@ class ServerProgram:
     (`rt.server(method, *args)`, internal to the server side, not counted)."""
 
     _not_state = ("ctx", "parts")
+    # Link methods whose FLOPs are a function of their request's array shapes alone (one step per
+    # request): measured once per shape and reused under metrics.measure=sampled.
+    flops_by_shape: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, ctx: ServerContext):
         self.ctx = ctx

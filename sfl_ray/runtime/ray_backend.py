@@ -75,8 +75,12 @@ class RayExecutor:
 
     def run_clients(self, program: str, clients: Sequence[int], rnd: int, down: dict, parallel: bool,
                     on_done: Callable[[ClientReply], None],
-                    per_client: Optional[Mapping[int, dict]] = None) -> list[ClientReply]:
+                    per_client: Optional[Mapping[int, dict]] = None,
+                    measure: Optional[Callable[[int], str]] = None) -> list[ClientReply]:
         shared = ray.put(down)  # one copy in the object store, read by every pool
+
+        def how(c: int) -> str:
+            return measure(c) if measure else "exact"
 
         def payload(c: int) -> Any:
             return ray.put({**down, **per_client[c]}) if per_client and c in per_client else shared
@@ -88,7 +92,7 @@ class RayExecutor:
             out = []
             for c in clients:
                 t0 = time.perf_counter()
-                r = self._get(self._pool(c).run.remote(program, c, rnd, payload(c)), who(c))
+                r = self._get(self._pool(c).run.remote(program, c, rnd, payload(c), how(c)), who(c))
                 self.longest_call_s = max(self.longest_call_s, time.perf_counter() - t0)
                 on_done(r)
                 out.append(r)
@@ -96,7 +100,7 @@ class RayExecutor:
                     break  # a sequential schedule cannot go on past a failed client
             return out
         t0 = time.perf_counter()
-        refs = {self._pool(c).run.remote(program, c, rnd, payload(c)): i for i, c in enumerate(clients)}
+        refs = {self._pool(c).run.remote(program, c, rnd, payload(c), how(c)): i for i, c in enumerate(clients)}
         # A pool runs its clients one after another: a call's share of the wait is the time since
         # its pool's previous reply.
         last_reply: dict[int, float] = {}

@@ -7,16 +7,21 @@ handed to the program as tensors; replies go back as numpy arrays.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import torch
-from sfl_ray.metrics.device_cost import FlopCounter
+from sfl_ray.metrics.device_cost import FlopCache, FlopCounter
 
 from sfl_ray.runtime.pool import where_am_i
 from sfl_ray.runtime.protocol import Algorithm, Blueprint, ServerContext
 from sfl_ray.runtime.wire import pack, to_tensor
 
 log = logging.getLogger("sfl_ray.server")
+
+
+def _shapes(arrays: dict) -> tuple:
+    return tuple(sorted((k, _shapes(v) if isinstance(v, dict) else (tuple(v.shape), str(v.dtype)))
+                        for k, v in arrays.items()))
 
 
 def _tensors(arrays: dict, device: torch.device) -> dict:
@@ -34,18 +39,32 @@ class ServerBlock:
         self.device = device
         self.program = algorithm_cls.server_cls(ServerContext(blueprint, index, device))
         self.flops = 0
+        self.measure = blueprint.measure
+        self.flop_cache = FlopCache()
 
-    def _counted(self, fn, *args: Any) -> Any:
+    def _counted(self, fn, *args: Any, key: Optional[tuple] = None) -> Any:
+        if self.measure == "off":
+            return fn(*args)
+        if key is not None and key in self.flop_cache.flops:
+            self.flop_cache.hits += 1
+            self.flops += self.flop_cache.flops[key]
+            return fn(*args)
         counter = FlopCounter()
         with counter:
             out = fn(*args)
         self.flops += counter.flops
+        if key is not None:
+            self.flop_cache.misses += 1
+            self.flop_cache.flops[key] = counter.flops
         return out
 
     def call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
         """A request from a client over the link."""
         fn = getattr(self.program, method)
-        reply, reply_info = self._counted(fn, client, _tensors(arrays, self.device), info)
+        key = None
+        if self.measure == "sampled" and method in self.program.flops_by_shape:
+            key = (method, _shapes(arrays))
+        reply, reply_info = self._counted(fn, client, _tensors(arrays, self.device), info, key=key)
         return pack(reply), reply_info
 
     def control(self, method: str, *args: Any) -> Any:
