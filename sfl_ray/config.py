@@ -195,6 +195,14 @@ class StopConfig(Section):
 class LinkConfig(Section):
     count_labels: bool = Field(True, description="Count labels (int64, 8 bytes each) as link bytes; false = the "
                                "FSL-SAGE reference code's accounting (labels move but are not counted).")
+    compression: Literal["none", "fp16", "bf16", "int8"] = Field(
+        "none", description="Compress activations (up) and cut-layer gradients (down) on the link; the "
+        "compressed size is what is counted. fp16/bf16: 2 bytes a value (round to nearest even); int8: "
+        "symmetric, 1 byte a value + a float32 scale per tensor or channel (link.int8_scale). Weights and "
+        "labels are never compressed; none = bit-identical to no codec.")
+    int8_scale: Literal["tensor", "channel"] = Field(
+        "channel", description="int8 scale extent: one per tensor, or one per channel (dim 1 of a 4-D+ "
+        "feature map, else the last dim: features of (B, F), hidden units of a transformer's (B, T, H)).")
 
 
 class MetricsConfig(Section):

@@ -233,8 +233,9 @@ class SGLR(Algorithm):
             mean = acc.astype(grads[group[0]].dtype)
             for c in group:
                 out[c] = {"gradients": mean}
-        own = sum(g.nbytes for c, g in grads.items() if c not in group)
-        return out, own + (out[group[0]]["gradients"].nbytes if group else 0)
+        size = self.blueprint.codec.nbytes  # as sent: compressed under link.compression
+        own = sum(size("gradients", g) for c, g in grads.items() if c not in group)
+        return out, own + (size("gradients", out[group[0]]["gradients"]) if group else 0)
 
     def eval_device(self, rt: RoundRuntime, clients: list[int]) -> dict:
         ids = clients if self.config.eval_model == "mean" else clients[:1]

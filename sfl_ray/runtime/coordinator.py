@@ -23,6 +23,7 @@ from sfl_ray.metrics.cost_model import DeviceProfiles, group_time, server_time
 from sfl_ray.metrics.evaluate import Evaluator
 from sfl_ray.metrics.sampling import MeasurePlan, RoundMeasure
 from sfl_ray.metrics.writer import RunWriter
+from sfl_ray.runtime.codec import Codec, decode
 from sfl_ray.runtime.faults import ActorLost
 from sfl_ray.runtime.finite import check_row
 from sfl_ray.runtime.protocol import Algorithm, ClientReply, RoundRuntime
@@ -69,16 +70,23 @@ class _Round(RoundRuntime):
     """The RoundRuntime handed to a schedule: records every reply and dispatch group."""
 
     def __init__(self, executor: Executor, rnd: int, on_done: Callable[[ClientReply], None],
-                 measure: Optional[RoundMeasure] = None):
-        self.executor, self.rnd, self.on_done = executor, rnd, on_done
+                 measure: Optional[RoundMeasure] = None, codec: Codec = Codec()):
+        self.executor, self.rnd, self.on_done, self.codec = executor, rnd, on_done, codec
         self.measure = measure or MeasurePlan().for_round(rnd)
         self.num_servers = executor.num_servers
         self.groups: list[tuple[bool, list[ClientReply]]] = []
 
     def clients(self, ids, down, parallel=True, program="client_program", per_client=None):
+        # The schedule's side of the link: what goes down (SGLR's gradients) leaves compressed,
+        # what comes up in replies (SGLR's, Ampere's activations) is decoded for the server.
+        down = self.codec.encode(down)
+        if per_client:
+            per_client = {c: self.codec.encode(p) for c, p in per_client.items()}
         self.measure.pick(list(ids))
         replies = self.executor.run_clients(program, list(ids), self.rnd, down, parallel, self.on_done, per_client,
                                             measure=self.measure.mode)
+        for r in replies:
+            r.up = decode(r.up)
         lost = [r for r in replies if r.lost]
         if lost:
             raise ActorLost(f"round {self.rnd}, client {lost[0].client}: {lost[0].lost}")
@@ -278,7 +286,7 @@ class Coordinator:
             self._set(clients_done=len(done))
 
         t0 = time.perf_counter()
-        rt = _Round(self.executor, rnd, on_done, self.measure.for_round(rnd, clients))
+        rt = _Round(self.executor, rnd, on_done, self.measure.for_round(rnd, clients), self.algorithm.blueprint.codec)
         if final is None:
             summary = self.algorithm.run_round(rt, rnd, clients)
         else:

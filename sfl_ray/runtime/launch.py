@@ -22,7 +22,8 @@ def make_blueprint(cfg: Any, data: ArrayDataset) -> Blueprint:
     return Blueprint(model_name=cfg.model.name, cut=cfg.model.cut, in_shape=data.input_shape,
                      num_classes=data.num_classes, seed=cfg.seed, train=cfg.train, algorithm=cfg.algorithm,
                      torch_threads=cfg.cluster.torch_threads, rounds=cfg.stop.rounds, model=cfg.model,
-                     count_labels=cfg.link.count_labels, augment=cfg.data.augment, measure=cfg.metrics.measure)
+                     count_labels=cfg.link.count_labels, augment=cfg.data.augment, measure=cfg.metrics.measure,
+                     compression=cfg.link.compression, int8_scale=cfg.link.int8_scale)
 
 
 def format_progress(p: dict) -> str:

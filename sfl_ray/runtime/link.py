@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
 from sfl_ray.metrics.device_cost import off_device
+from sfl_ray.runtime.codec import Codec, decode
 from sfl_ray.runtime.wire import pack, payload_nbytes, to_tensor
 
 UP, DOWN = "up", "down"
@@ -47,23 +48,25 @@ class ServerEndpoint(Protocol):
 class Link:
     """A client's side of the link to its server block: sends, receives, and accounts."""
 
-    def __init__(self, endpoint: ServerEndpoint | None, client: int, ledger: Ledger):
-        self._endpoint, self.client, self.ledger = endpoint, client, ledger
+    def __init__(self, endpoint: ServerEndpoint | None, client: int, ledger: Ledger, codec: Codec = Codec()):
+        self._endpoint, self.client, self.ledger, self.codec = endpoint, client, ledger, codec
 
     def call(self, method: str, arrays: Mapping[str, Any], info: Mapping[str, Any] | None = None) -> tuple[dict, dict]:
         """Send `arrays` (kind -> tensor/array) to the server's `method`; return its reply as tensors.
 
         `info` carries scalar telemetry (e.g. the server's loss for the progress display):
         simulation bookkeeping that a real deployment would not need, so it is not counted.
+        Activations go in the codec's compressed form, and the bytes counted are that form's;
+        a compressed reply (gradients) is decoded after it is counted.
         """
         if self._endpoint is None:
             raise RuntimeError("this algorithm declared no server block, yet a client called one")
-        wire = pack(arrays)
+        wire = self.codec.encode(pack(arrays))
         self.ledger.record(UP, wire)
         with off_device():
             reply, reply_info = self._endpoint.call(method, self.client, wire, dict(info or {}))
         self.ledger.record(DOWN, reply)
-        return {k: _received(v) for k, v in reply.items()}, reply_info
+        return {k: _received(v) for k, v in decode(reply).items()}, reply_info
 
 
 def _received(value: Any) -> Any:

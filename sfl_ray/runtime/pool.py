@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from sfl_ray.metrics.device_cost import FlopCache, MemoryTracker, Meter
+from sfl_ray.runtime.codec import decode
 from sfl_ray.runtime.finite import check_client_reply
 from sfl_ray.runtime.faults import ActorLost
 from sfl_ray.runtime.link import DOWN, UP, Ledger, Link, ServerEndpoint
@@ -101,11 +102,12 @@ class ClientPool:
             endpoint = self.servers[client % len(self.servers)]
         ledger = Ledger(count_labels=self.blueprint.count_labels)
         ledger.record(DOWN, down)
+        down = decode(down)  # counted as it came (compressed gradients), used as float32
         tracker = self._open_trackers.pop(client, None) or MemoryTracker()
         meter = Meter(measure, self.device, tracker, self.flop_cache)
         ctx = ClientContext(client, rnd, self.blueprint, self.parts, self.data, self.shards[client],
-                            Link(endpoint, client, ledger), self.state[client], tracker, self.device,
-                            meter=meter, program=program)
+                            Link(endpoint, client, ledger, self.blueprint.codec), self.state[client], tracker,
+                            self.device, meter=meter, program=program)
         reply = ClientReply(client=client)
         try:
             with meter.measuring() as cost:
@@ -115,6 +117,7 @@ class ClientPool:
                 self._open_trackers[client] = tracker
             up = pack(up)
             check_client_reply(client, rnd, up, info)  # a NaN loss or upload is this client's error
+            up = self.blueprint.codec.encode(up)  # uploaded activations go compressed (link.compression)
             ledger.record(UP, up)
             reply.up, reply.info = up, dict(info)
             reply.flops, reply.peak_mem_bytes = cost["flops"], cost["peak_mem_bytes"]

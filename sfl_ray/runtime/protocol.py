@@ -22,6 +22,7 @@ from sfl_ray.config_base import Section
 from sfl_ray.data.batches import client_batches
 from sfl_ray.metrics.device_cost import MemoryTracker, Meter
 from sfl_ray.models.split import ModelParts, build_parts
+from sfl_ray.runtime.codec import Codec
 from sfl_ray.runtime.link import Link
 from sfl_ray.seeding import derive_seed, torch_gen
 
@@ -43,6 +44,13 @@ class Blueprint:
     count_labels: bool = True  # link.count_labels: whether labels count as link bytes
     augment: str = "none"  # data.augment, on client training batches
     measure: str = "exact"  # metrics.measure: how server blocks count their FLOPs (clients: per round)
+    compression: str = "none"  # link.compression: activations up and gradients down (runtime.codec)
+    int8_scale: str = "channel"  # link.int8_scale
+
+    @property
+    def codec(self) -> Codec:
+        """The link's compression, as every sender encodes with it."""
+        return Codec(self.compression, self.int8_scale)
 
     @property
     def persist_optimizers(self) -> bool:

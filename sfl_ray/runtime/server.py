@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 from sfl_ray.metrics.device_cost import FlopCache, FlopCounter
 
+from sfl_ray.runtime.codec import decode
 from sfl_ray.runtime.pool import where_am_i
 from sfl_ray.runtime.protocol import Algorithm, Blueprint, ServerContext
 from sfl_ray.runtime.wire import pack, to_tensor
@@ -38,6 +39,7 @@ class ServerBlock:
         device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.device = device
         self.program = algorithm_cls.server_cls(ServerContext(blueprint, index, device))
+        self.codec = blueprint.codec
         self.flops = 0
         self.measure = blueprint.measure
         self.flop_cache = FlopCache()
@@ -59,13 +61,14 @@ class ServerBlock:
         return out
 
     def call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
-        """A request from a client over the link."""
+        """A request from a client over the link: compressed activations are decoded here, and
+        the reply's gradients compressed (link.compression)."""
         fn = getattr(self.program, method)
         key = None
         if self.measure == "sampled" and method in self.program.flops_by_shape:
             key = (method, _shapes(arrays))
-        reply, reply_info = self._counted(fn, client, _tensors(arrays, self.device), info, key=key)
-        return pack(reply), reply_info
+        reply, reply_info = self._counted(fn, client, _tensors(decode(arrays), self.device), info, key=key)
+        return self.codec.encode(pack(reply)), reply_info
 
     def control(self, method: str, *args: Any) -> Any:
         """A call from the schedule (server-side work, not on the link)."""
