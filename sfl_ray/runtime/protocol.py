@@ -23,6 +23,7 @@ from sfl_ray.data.batches import client_batches
 from sfl_ray.metrics.device_cost import MemoryTracker
 from sfl_ray.models.split import ModelParts, build_parts
 from sfl_ray.runtime.link import Link
+from sfl_ray.runtime.wire import to_device
 from sfl_ray.seeding import derive_seed, torch_gen
 
 
@@ -47,6 +48,11 @@ class Blueprint:
     def persist_optimizers(self) -> bool:
         """train.optimizer_state: keep optimizer state (moments, momentum) across rounds."""
         return getattr(self.train, "optimizer_state", "persist") == "persist"
+
+    @property
+    def precision(self) -> str:
+        """train.precision: fp32, or the autocast dtype of forward passes (runtime.precision)."""
+        return getattr(self.train, "precision", "fp32")
 
     def build_parts(self) -> ModelParts:
         return build_parts(self.model_name, self.cut, self.in_shape, self.num_classes, self.seed, self.model)
@@ -99,7 +105,7 @@ class ClientContext:
         x, y = self._data
         for xb, yb in client_batches(x, y, self.indices, self.train.batch_size, self.blueprint.seed,
                                      self.round, self.client, epoch, self.blueprint.augment):
-            yield xb.to(self.device), yb.to(self.device)
+            yield to_device(xb, self.device), to_device(yb, self.device)
 
     def num_batches(self) -> int:
         return -(-self.num_samples // self.train.batch_size)

@@ -13,6 +13,7 @@ import torch
 from sfl_ray.metrics.device_cost import FlopCounter
 
 from sfl_ray.runtime.pool import where_am_i
+from sfl_ray.runtime.precision import autocast
 from sfl_ray.runtime.protocol import Algorithm, Blueprint, ServerContext
 from sfl_ray.runtime.wire import pack, to_tensor
 
@@ -33,11 +34,12 @@ class ServerBlock:
         device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.device = device
         self.program = algorithm_cls.server_cls(ServerContext(blueprint, index, device))
+        self.precision = blueprint.precision
         self.flops = 0
 
     def _counted(self, fn, *args: Any) -> Any:
         counter = FlopCounter()
-        with counter:
+        with counter, autocast(self.precision, self.device):
             out = fn(*args)
         self.flops += counter.flops
         return out
