@@ -14,6 +14,7 @@ from sfl_ray.metrics.device_cost import FlopCache, FlopCounter
 
 from sfl_ray.runtime.codec import decode
 from sfl_ray.runtime.pool import where_am_i
+from sfl_ray.runtime.precision import autocast
 from sfl_ray.runtime.protocol import Algorithm, Blueprint, ServerContext
 from sfl_ray.runtime.wire import pack, to_tensor
 
@@ -40,20 +41,22 @@ class ServerBlock:
         self.device = device
         self.program = algorithm_cls.server_cls(ServerContext(blueprint, index, device))
         self.codec = blueprint.codec
+        self.precision = blueprint.precision
         self.flops = 0
         self.measure = blueprint.measure
         self.flop_cache = FlopCache()
 
     def _counted(self, fn, *args: Any, key: Optional[tuple] = None) -> Any:
-        if self.measure == "off":
-            return fn(*args)
-        if key is not None and key in self.flop_cache.flops:
-            self.flop_cache.hits += 1
-            self.flops += self.flop_cache.flops[key]
-            return fn(*args)
-        counter = FlopCounter()
-        with counter:
-            out = fn(*args)
+        with autocast(self.precision, self.device):
+            if self.measure == "off":
+                return fn(*args)
+            if key is not None and key in self.flop_cache.flops:
+                self.flop_cache.hits += 1
+                self.flops += self.flop_cache.flops[key]
+                return fn(*args)
+            counter = FlopCounter()
+            with counter:
+                out = fn(*args)
         self.flops += counter.flops
         if key is not None:
             self.flop_cache.misses += 1
