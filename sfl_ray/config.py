@@ -151,6 +151,10 @@ class ClusterConfig(Section):
     server_cpus: float = Field(1.0, ge=0, description="CPUs reserved per server block actor.")
     server_gpus: float = Field(0.0, ge=0, description="GPUs per server block actor (whole GPUs).")
     torch_threads: int = Field(1, gt=0, description="torch intra-op threads in every process (same on both backends).")
+    exchange: Literal["channels", "actor_calls"] = Field(
+        "channels", description="The per-batch device<->server path: channels = Ray shared-memory channels (the "
+        "transport of Compiled Graphs) between a pool and a server block on the same node, actor calls across "
+        "nodes; actor_calls = a Ray actor call per request everywhere.")
     task_timeout_s: Optional[float] = Field(
         None, gt=0, le=1e7, description="Deadline for any single wait on a remote call (s). None = proportionate "
         "to the work: 600 s until a client call has completed, then 10x the longest client call seen (at least "

@@ -7,6 +7,7 @@ handed to the program as tensors; replies go back as numpy arrays.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Optional
 
 import torch
@@ -45,6 +46,9 @@ class ServerBlock:
         self.flops = 0
         self.measure = blueprint.measure
         self.flop_cache = FlopCache()
+        # Requests may arrive on channel threads (runtime.channels) besides the actor's own
+        # thread: the program runs one request or control call at a time, in arrival order.
+        self.lock = threading.RLock()
 
     def _counted(self, fn, *args: Any, key: Optional[tuple] = None) -> Any:
         with autocast(self.precision, self.device):
@@ -66,6 +70,10 @@ class ServerBlock:
     def call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
         """A request from a client over the link: compressed activations are decoded here, and
         the reply's gradients compressed (link.compression)."""
+        with self.lock:
+            return self._call(method, client, arrays, info)
+
+    def _call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
         fn = getattr(self.program, method)
         key = None
         if self.measure == "sampled" and method in self.program.flops_by_shape:
@@ -75,11 +83,13 @@ class ServerBlock:
 
     def control(self, method: str, *args: Any) -> Any:
         """A call from the schedule (server-side work, not on the link)."""
-        return self._counted(getattr(self.program, method), *args)
+        with self.lock:
+            return self._counted(getattr(self.program, method), *args)
 
     def pop_flops(self) -> int:
         """FLOPs since the last call (the coordinator reads this once per round)."""
-        f, self.flops = self.flops, 0
+        with self.lock:
+            f, self.flops = self.flops, 0
         return f
 
     def ping(self) -> dict:
