@@ -128,6 +128,7 @@ class RayExecutor:
         counts = {"channels": 0, "actor_calls": 0}
         if not self.servers or self.exchange != "channels":
             counts["actor_calls"] = len(self.pools) * len(self.servers)
+            self.links = counts
             return counts
         where = self.placement()
         wait = self.cluster.task_timeout_s or FIRST_WAIT_S
