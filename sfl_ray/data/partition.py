@@ -1,6 +1,12 @@
-"""Partitioners: which training samples each client holds. Deterministic by seed."""
+"""Partitioners: which training samples each client holds. Deterministic by seed.
+
+A partition is kept compactly (`Partition`: one index array and per-client offsets, CSR-style),
+so ten thousand registered clients cost two arrays, not ten thousand objects.
+"""
 
 from __future__ import annotations
+
+from typing import Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -8,13 +14,99 @@ from sfl_ray.config_base import ConfigError
 from sfl_ray.seeding import np_rng
 
 
-def iid(labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
+class Partition(Sequence[np.ndarray]):
+    """Client c holds the training samples `indices[offsets[c]:offsets[c + 1]]` (sorted)."""
+
+    def __init__(self, indices: np.ndarray, offsets: np.ndarray):
+        self.indices = np.ascontiguousarray(indices, dtype=np.int64)
+        self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        self.indices.flags.writeable = False  # clients get views: none may change another's samples
+        self.offsets.flags.writeable = False
+
+    @classmethod
+    def from_owners(cls, samples: np.ndarray, owners: np.ndarray, num_clients: int) -> "Partition":
+        """Sample `samples[i]` goes to client `owners[i]`; each client's samples sorted."""
+        order = np.lexsort((samples, owners))  # by client, then by sample index
+        sizes = np.bincount(owners, minlength=num_clients)
+        return cls(samples[order], np.concatenate([[0], np.cumsum(sizes)]))
+
+    @classmethod
+    def from_lists(cls, parts: Sequence[np.ndarray]) -> "Partition":
+        if isinstance(parts, Partition):
+            return parts
+        sizes = [len(p) for p in parts]
+        flat = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]) if parts else np.zeros(0, np.int64)
+        return cls(flat, np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, client):  # type: ignore[override]
+        if isinstance(client, slice):
+            return [self[c] for c in range(len(self))[client]]
+        c = int(client)
+        if not 0 <= c < len(self):
+            raise IndexError(f"client {client} of {len(self)}")
+        return self.indices[self.offsets[c]: self.offsets[c + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[c] for c in range(len(self)))
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """Samples per client."""
+        return np.diff(self.offsets)
+
+    def owners(self) -> np.ndarray:
+        """The client of each entry of `indices`."""
+        return np.repeat(np.arange(len(self)), self.sizes)
+
+    def hosted(self, pool: int, pools: int) -> "ClientShards":
+        """The clients of pool `pool` of `pools` (client c runs on pool c % pools)."""
+        return ClientShards(self, range(pool, len(self), pools))
+
+
+class ClientShards(Mapping[int, np.ndarray]):
+    """A pool's view of a partition: client id -> sample indices for the clients in `clients` (a
+    range), without a per-client object."""
+
+    def __init__(self, partition: Partition, clients: range):
+        self.partition, self.clients = partition, clients
+
+    def __getitem__(self, client: int) -> np.ndarray:
+        if client not in self.clients:
+            raise KeyError(client)
+        return self.partition[client]
+
+    def __contains__(self, client: object) -> bool:
+        return isinstance(client, (int, np.integer)) and int(client) in self.clients
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.clients)
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+
+PartitionLike = Union[Partition, Sequence[np.ndarray]]
+
+
+def _equal_offsets(n: int, parts: int) -> np.ndarray:
+    """np.array_split's cut points of n items into `parts`."""
+    q, r = divmod(n, parts)
+    sizes = np.full(parts, q, dtype=np.int64)
+    sizes[:r] += 1
+    return np.concatenate([[0], np.cumsum(sizes)])
+
+
+def iid(labels: np.ndarray, num_clients: int, seed: int) -> Partition:
     """A random equal split."""
     perm = np_rng(seed, "partition", "iid").permutation(len(labels))
-    return [np.sort(p) for p in np.array_split(perm, num_clients)]
+    owners = np.repeat(np.arange(num_clients), np.diff(_equal_offsets(len(labels), num_clients)))
+    return Partition.from_owners(perm, owners, num_clients)
 
 
-def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int) -> list[np.ndarray]:
+def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int) -> Partition:
     """Equal-size clients whose label mix is drawn from Dir(alpha) (Hsu et al. 2019, as in FSL-SAGE).
 
     Each client draws p_i ~ Dir(alpha); samples are then dealt one at a time, the label drawn
@@ -24,31 +116,37 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int) -> 
     classes = np.unique(labels)
     pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
     probs = rng.dirichlet(alpha * np.ones(len(classes)), size=num_clients)
-    sizes = [len(s) for s in np.array_split(np.arange(len(labels)), num_clients)]
+    sizes = np.diff(_equal_offsets(len(labels), num_clients))
     alive = np.ones(len(classes), bool)
-    out: list[list[int]] = [[] for _ in range(num_clients)]
+    samples = np.empty(len(labels), dtype=np.int64)
+    owners = np.repeat(np.arange(num_clients), sizes)
+    j = 0
     for i in range(num_clients):
         for _ in range(sizes[i]):
             p = probs[i] * alive
             if p.sum() <= 0:  # every class this client likes is used up: take any left
                 p = alive.astype(float)
             k = rng.choice(len(classes), p=p / p.sum())
-            out[i].append(pools[classes[k]].pop())
+            samples[j] = pools[classes[k]].pop()
+            j += 1
             if not pools[classes[k]]:
                 alive[k] = False
-    return [np.sort(np.asarray(o, dtype=np.int64)) for o in out]
+    return Partition.from_owners(samples, owners, num_clients)
 
 
-def shards(labels: np.ndarray, num_clients: int, per_client: int, seed: int) -> list[np.ndarray]:
+def shards(labels: np.ndarray, num_clients: int, per_client: int, seed: int) -> Partition:
     """Sort by label, cut into num_clients * per_client shards, deal per_client shards to each."""
     rng = np_rng(seed, "partition", "shards")
     order = np.argsort(labels, kind="stable")
-    pieces = np.array_split(order, num_clients * per_client)
-    deal = rng.permutation(len(pieces))
-    return [np.sort(np.concatenate([pieces[j] for j in deal[i::num_clients]])) for i in range(num_clients)]
+    n_pieces = num_clients * per_client
+    deal = rng.permutation(n_pieces)
+    client_of_piece = np.empty(n_pieces, dtype=np.int64)
+    client_of_piece[deal] = np.arange(n_pieces) % num_clients  # piece deal[j] goes to client j % n
+    piece_of = np.repeat(np.arange(n_pieces), np.diff(_equal_offsets(len(labels), n_pieces)))
+    return Partition.from_owners(order.astype(np.int64), client_of_piece[piece_of], num_clients)
 
 
-def partition(labels: np.ndarray, cfg, num_clients: int, seed: int) -> list[np.ndarray]:
+def partition(labels: np.ndarray, cfg, num_clients: int, seed: int) -> Partition:
     """Split sample indices across clients as a `PartitionConfig` says."""
     if num_clients > len(labels):
         raise ConfigError("train.num_clients", num_clients, f"at most the {len(labels)} training samples")
@@ -62,6 +160,8 @@ def partition(labels: np.ndarray, cfg, num_clients: int, seed: int) -> list[np.n
     return shards(labels, num_clients, cfg.shards_per_client, seed)
 
 
-def label_histograms(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> list[list[int]]:
+def label_histograms(labels: np.ndarray, parts: PartitionLike, num_classes: int) -> list[list[int]]:
     """Per-client label counts."""
-    return [np.bincount(labels[p], minlength=num_classes).tolist() for p in parts]
+    p = Partition.from_lists(parts)
+    flat = p.owners() * num_classes + np.asarray(labels)[p.indices]
+    return np.bincount(flat, minlength=len(p) * num_classes).reshape(len(p), num_classes).tolist()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numpy as np
+
 from sfl_ray.seeding import np_rng
 
 
@@ -20,7 +22,7 @@ class MeasurePlan:
                  shard_sizes: Optional[Sequence[int]] = None, batch_size: int = 1):
         self.mode, self.memory_clients, self.memory_every = mode, memory_clients, memory_every
         self.seed, self.batch_size = seed, batch_size
-        self.shard_sizes = list(shard_sizes) if shard_sizes is not None else None
+        self.shard_sizes = np.asarray(shard_sizes) if shard_sizes is not None else None  # one array, any N
 
     @classmethod
     def from_config(cls, metrics, seed: int, shard_sizes: Sequence[int], batch_size: int) -> "MeasurePlan":

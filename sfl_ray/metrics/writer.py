@@ -15,7 +15,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -76,8 +76,8 @@ class RunWriter:
             f.write(data)
         self.fs.move(tmp, f"{folder}/{base}")
 
-    def write_json(self, name: str, obj: Any) -> None:
-        self.write_text(name, dumps(obj, indent=2) + "\n")
+    def write_json(self, name: str, obj: Any, indent: Optional[int] = 2) -> None:
+        self.write_text(name, dumps(obj, indent=indent) + "\n")
 
     def append_row(self, row: dict) -> None:
         """One row more: appended to metrics.jsonl on a local disk (object stores cannot append,

@@ -61,7 +61,7 @@ class Executor(Protocol):
 
     def fit_server(self, request: Any) -> list[dict]: ...
 
-    def client_states(self) -> dict: ...
+    def client_states(self, clients: Optional[Sequence[int]] = None) -> dict: ...
 
     def load_client_states(self, states: dict) -> None: ...
 
@@ -184,11 +184,19 @@ class Coordinator:
             raise
 
     # -- checkpoints -----------------------------------------------------------------------
-    def _gather(self) -> dict:
-        """The state of the schedule, every client and every server block, and the counters."""
+    def _gather(self, ran: Optional[set[int]] = None) -> dict:
+        """The state of the schedule, every client and every server block, and the counters.
+        `ran`: the clients that ran since `self._after` was taken; only theirs is fetched (a
+        client's state changes only when it runs), so a round's snapshot costs what the round's
+        clients hold, however many clients are registered or were sampled before."""
         from sfl_ray.runtime.checkpoint import to_tree
 
-        return {"algorithm": to_tree(self.algorithm.state_dict()), "clients": self.executor.client_states(),
+        if ran is None or self._after is None:
+            clients = self.executor.client_states()
+        else:
+            clients = {c: st for c, st in self._after[1]["clients"].items() if c not in ran}
+            clients.update(self.executor.client_states(sorted(ran)))
+        return {"algorithm": to_tree(self.algorithm.state_dict()), "clients": clients,
                 "servers": [self.executor.server_control(i, "state_dict") for i in range(self.executor.num_servers)],
                 "coordinator": {"bytes_cum": self.bytes_cum, "sim_cum": self.sim_cum, "faults": self.faults}}
 
@@ -303,7 +311,8 @@ class Coordinator:
             row.update({"eval_accuracy": None, "eval_loss": None})
         row["faults"] = faults
         if self._recoverable:  # the next round's start state, before anything is written
-            self._after = (rnd, self._gather())
+            follows = self._after is not None and self._after[0] == rnd - 1  # this round ran from it
+            self._after = (rnd, self._gather({r.client for r in rt.replies} if follows else None))
         row["wall_s"] = time.perf_counter() - t0
         self.writer.append_row(row)
         check_row(row)  # a NaN server/eval loss ends the run, after its row shows it

@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
+from sfl_ray.data.partition import Partition
 from sfl_ray.data.sources import ArrayDataset
 from sfl_ray.metrics.evaluate import Evaluator
 from sfl_ray.metrics.sampling import MeasurePlan
@@ -61,17 +62,18 @@ class _Printer:
             print("\r" + format_progress(p), end="", flush=True)
 
 
-def run_experiment(algorithm_cls: type[Algorithm], cfg: Any, data: ArrayDataset, shards: list,
+def run_experiment(algorithm_cls: type[Algorithm], cfg: Any, data: ArrayDataset, shards: Partition,
                    progress: Optional[Callable[[dict], None]] = None, resume: Optional[dict] = None) -> dict:
     """Run one experiment on the configured backend; returns the summary. `resume`: a checkpoint
     (runtime.checkpoint) to continue from."""
+    shards = Partition.from_lists(shards)
     blueprint = make_blueprint(cfg, data)
     show = progress or _Printer(cfg.output.progress)
     writer = RunWriter(cfg.run_dir())
     common = dict(num_clients=cfg.train.num_clients, clients_per_round=cfg.train.sampled_count(),
                   stop=cfg.stop, cost_model=cfg.cost_model, seed=cfg.seed, torch_threads=cfg.cluster.torch_threads,
                   checkpoint_every=cfg.output.checkpoint_every, keep_checkpoints=cfg.output.keep_checkpoints,
-                  measure=MeasurePlan.from_config(cfg.metrics, cfg.seed, [len(s) for s in shards],
+                  measure=MeasurePlan.from_config(cfg.metrics, cfg.seed, shards.sizes,
                                                   cfg.train.batch_size))
     if cfg.cluster.backend == "local":
         from sfl_ray.runtime.local_backend import LocalExecutor

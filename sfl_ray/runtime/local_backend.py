@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from sfl_ray.data.partition import Partition
 from sfl_ray.runtime.pool import ClientPool
 from sfl_ray.runtime.protocol import ClientReply
 from sfl_ray.runtime.server import ServerBlock
@@ -36,8 +37,8 @@ class LocalExecutor:
         self.servers = ([ServerBlock(algorithm_cls, blueprint, i) for i in range(num_servers)]
                         if algorithm_cls.wants_server_blocks(blueprint.algorithm) else [])
         self.num_servers = len(self.servers)
-        self.pool = ClientPool(algorithm_cls, blueprint, train_x, train_y, dict(enumerate(shards)),
-                               [LocalEndpoint(s) for s in self.servers])
+        self.pool = ClientPool(algorithm_cls, blueprint, train_x, train_y,
+                               Partition.from_lists(shards).hosted(0, 1), [LocalEndpoint(s) for s in self.servers])
 
     def run_clients(self, program: str, clients: Sequence[int], rnd: int, down: dict, parallel: bool,
                     on_done: Callable[[ClientReply], None],
@@ -56,8 +57,8 @@ class LocalExecutor:
                 break  # a sequential schedule cannot go on past a failed client
         return replies
 
-    def client_states(self) -> dict:
-        return self.pool.get_state()
+    def client_states(self, clients: Optional[Sequence[int]] = None) -> dict:
+        return self.pool.get_state(clients)
 
     def load_client_states(self, states: dict) -> None:
         self.pool.set_state(states)

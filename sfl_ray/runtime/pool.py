@@ -1,17 +1,22 @@
 """A client pool: many virtual clients in one process, run one after another.
 
 Models are built once per pool; a client is its data indices plus a small persistent state.
+Both are lazy: the indices are a view of the run's one partition array, and a client's state is
+created when it first runs, so a pool can host thousands of registered clients that cost nothing
+until they are sampled.
 """
 
 from __future__ import annotations
 
 import logging
 import traceback
-from typing import Optional, Sequence
+from collections import defaultdict
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
+from sfl_ray.data.partition import ClientShards
 from sfl_ray.metrics.device_cost import FlopCache, MemoryTracker, Meter
 from sfl_ray.runtime.codec import decode
 from sfl_ray.runtime.finite import check_client_reply
@@ -48,32 +53,37 @@ def where_am_i() -> dict:
 
 
 class ClientPool:
-    """Hosts the virtual clients `shards` (client id -> sample indices) of one pool."""
+    """Hosts the virtual clients `shards` (client id -> sample indices; a `ClientShards` view of
+    the partition, or any mapping) of one pool."""
 
     def __init__(self, algorithm_cls: type[Algorithm], blueprint: Blueprint, train_x: np.ndarray,
-                 train_y: np.ndarray, shards: dict[int, np.ndarray],
+                 train_y: np.ndarray, shards: Mapping[int, np.ndarray],
                  servers: Sequence[ServerEndpoint], gpu_fraction: float = 0.0):
         torch.set_num_threads(blueprint.torch_threads)
         self.algorithm = algorithm_cls(blueprint)
         self.blueprint = blueprint
         self.data = (train_x, train_y)
-        self.shards = {int(k): v for k, v in shards.items()}
+        self.shards = shards if isinstance(shards, ClientShards) else {int(k): v for k, v in shards.items()}
         self.servers = list(servers)
         self.device = pick_device(gpu_fraction)
         self.parts = blueprint.build_parts()
         self.parts.device.to(self.device)
         self.parts.server.to(self.device)
         self.algorithm.build_client_modules(self.parts)
-        self.state: dict[int, dict] = {c: {} for c in self.shards}
+        # A client's persistent state, created on its first program: registered clients never
+        # sampled hold nothing (get_state reports only clients that have state).
+        self.state: defaultdict[int, dict] = defaultdict(dict)
         # A client whose program continues in its next call keeps one memory tracker across them.
         self._open_trackers: dict[int, MemoryTracker] = {}
         self.flop_cache = FlopCache()  # step FLOPs by shape, shared by every client of this pool
 
-    def get_state(self) -> dict:
-        """Every hosted client's persistent state (optimizer moments, aux models, own blocks) as a
-        plain tree, for checkpoints and round-start snapshots."""
+    def get_state(self, clients: Optional[Sequence[int]] = None) -> dict:
+        """The persistent state (optimizer moments, aux models, own blocks) of every hosted client
+        that has some (of `clients` only, if given) as a plain tree, for checkpoints and
+        round-start snapshots."""
         from sfl_ray.runtime.checkpoint import to_tree
-        return {c: to_tree(st) for c, st in self.state.items() if st}
+        ids = list(self.state) if clients is None else clients
+        return {c: to_tree(self.state[c]) for c in ids if self.state.get(c)}
 
     def set_state(self, states: dict) -> None:
         """Restore `get_state()` (for the clients this pool hosts); modules in client state are
@@ -88,12 +98,16 @@ class ClientPool:
             return m
 
         self._open_trackers.clear()
-        for c in self.state:
-            self.state[c] = from_tree(states[c], device_copy) if c in states else {}
+        # Clients absent from `states` had none: they start afresh, as if never sampled.
+        self.state = defaultdict(dict, {int(c): from_tree(st, device_copy) for c, st in states.items()
+                                        if int(c) in self.shards})
 
     def ping(self) -> dict:
         """Where this pool runs (for placement checks and health)."""
-        return {**where_am_i(), "clients": sorted(self.shards), "device": str(self.device)}
+        clients = self.shards.clients if isinstance(self.shards, ClientShards) else sorted(self.shards)
+        # clients: a range on a partition view (compact however many); client_states: clients
+        # holding state so far (they are created lazily, on a client's first program).
+        return {**where_am_i(), "clients": clients, "client_states": len(self.state), "device": str(self.device)}
 
     def run(self, program: str, client: int, rnd: int, down: dict, measure: str = "exact") -> ClientReply:
         """Run one client's program for one round; failures come back as values. `measure`: exact

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import ray
 
 from sfl_ray.config_base import ConfigError
+from sfl_ray.data.partition import Partition
 from sfl_ray.runtime.faults import ActorLost
 from sfl_ray.runtime.channels import ChannelClientPool, ChannelServerBlock
 from sfl_ray.runtime.protocol import ClientReply
@@ -163,9 +164,14 @@ class RayExecutor:
                     raise ActorLost(f"{what} did not come back within {deadline_s}s") from None
         self.connect()  # a restarted pool or block lost its channels: every pair gets new ones
 
-    def client_states(self) -> dict:
+    def client_states(self, clients: Optional[Sequence[int]] = None) -> dict:
+        """Every client's state (only `clients`', if given), from the pools hosting them."""
         out: dict = {}
-        refs = [p.get_state.remote() for p in self.pools]
+        if clients is None:
+            refs = [p.get_state.remote() for p in self.pools]
+        else:
+            refs = [p.get_state.remote([c for c in clients if c % len(self.pools) == i])
+                    for i, p in enumerate(self.pools)]
         for i, ref in enumerate(refs):
             out.update(self._get(ref, f"client pool {i}"))
         return out
@@ -249,8 +255,10 @@ def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) ->
     x_ref, y_ref = ray.put(train_x), ray.put(train_y)
     pool_actor = ray.remote(ChannelClientPool)
     pools = []
+    shards = Partition.from_lists(shards)
     for p in range(pools_n):
-        mine = {c: shards[c] for c in range(len(shards)) if c % pools_n == p}
+        # A view (the partition's two arrays and a range of client ids): no per-client object.
+        mine = shards.hosted(p, pools_n)
         pools.append(pool_actor.options(num_cpus=cluster.pool_cpus, num_gpus=cluster.client_gpus, max_restarts=3).remote(
             algorithm_cls, blueprint, x_ref, y_ref, mine, endpoints, cluster.client_gpus))
     wait = cluster.task_timeout_s or FIRST_WAIT_S
