@@ -79,7 +79,7 @@ def start_perplexity(ckpt: Path) -> float:
     cfg = load_config("jobs/gpt2_e2e_tiny.yaml", [f"model.transformer.pretrained={ckpt.resolve()}"])
     data = load_source(cfg.data)
     parts = make_blueprint(cfg, data).build_parts()
-    evaluator = Evaluator(parts, data.test_x, data.test_y, cfg.train.eval_batch_size)
+    evaluator = Evaluator(parts, data.test_x, data.test_y, cfg.train.eval_batch_size, cfg.train.precision)
     return evaluator.evaluate(module_weights(parts.device), module_weights(parts.server))["eval_perplexity"]
 
 

@@ -109,6 +109,22 @@ class TrainConfig(Section):
     local_epochs: int = Field(1, gt=0, description="Passes over the local data per round.")
     eval_every: int = Field(1, gt=0, description="Evaluate the global model every N rounds (and at the end).")
     eval_batch_size: int = Field(500, gt=0, description="Batch size for evaluation.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Forward passes (clients, server blocks, evaluation, Ray Train fits) under "
+        "autocast: fp32 = none; bf16 = matmuls, convolutions and attention in bfloat16, while weights, "
+        "gradients, optimizer state and link payloads stay float32. fp16 is refused: it needs loss scaling.")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _no_fp16(cls, v: object) -> object:
+        # float16 gradients underflow to zero without loss scaling, silently losing updates; the
+        # algorithms own their losses and backward passes, and a scale would have to follow the
+        # cut-layer gradient across the link, so the runtime cannot apply one for them.
+        if v == "fp16":
+            raise ValueError("fp16 needs loss scaling, which the runtime cannot apply to algorithms that own "
+                             "their backward across the cut; use bf16 (float32's range, no scaling; CPUs and "
+                             "Ampere or newer GPUs) or fp32")
+        return v
 
     @model_validator(mode="after")
     def _fraction(self) -> "TrainConfig":
@@ -135,6 +151,10 @@ class ClusterConfig(Section):
     server_cpus: float = Field(1.0, ge=0, description="CPUs reserved per server block actor.")
     server_gpus: float = Field(0.0, ge=0, description="GPUs per server block actor (whole GPUs).")
     torch_threads: int = Field(1, gt=0, description="torch intra-op threads in every process (same on both backends).")
+    exchange: Literal["channels", "actor_calls"] = Field(
+        "channels", description="The per-batch device<->server path: channels = Ray shared-memory channels (the "
+        "transport of Compiled Graphs) between a pool and a server block on the same node, actor calls across "
+        "nodes; actor_calls = a Ray actor call per request everywhere.")
     task_timeout_s: Optional[float] = Field(
         None, gt=0, le=1e7, description="Deadline for any single wait on a remote call (s). None = proportionate "
         "to the work: 600 s until a client call has completed, then 10x the longest client call seen (at least "

@@ -29,7 +29,7 @@ def local_coordinator(cfg: ExperimentConfig) -> tuple[Coordinator, LocalExecutor
     algorithm_cls, data, shards, _ = prepare(cfg)
     bp = make_blueprint(cfg, data)
     ex = LocalExecutor(algorithm_cls, bp, data.train_x, data.train_y, shards, cfg.cluster.num_servers)
-    ev = Evaluator(bp.build_parts(), data.test_x, data.test_y, cfg.train.eval_batch_size)
+    ev = Evaluator(bp.build_parts(), data.test_x, data.test_y, cfg.train.eval_batch_size, bp.precision)
     coord = Coordinator(algorithm_cls(bp), ex, ev, RunWriter(cfg.run_dir()),
                         num_clients=cfg.train.num_clients, clients_per_round=cfg.train.sampled_count(),
                         stop=cfg.stop, cost_model=cfg.cost_model, seed=cfg.seed,

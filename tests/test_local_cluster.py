@@ -126,7 +126,7 @@ def test_head_and_worker_run_a_job_and_stop_ends_exactly_them(base):
     assert [r["round"] for r in rows] == [1]
     # 1 CPU per node, a pool and a server block of 1 CPU each: the job needed both nodes
     actors = json.loads(_ray("list", "actors", "--address", dashboard, "--detail", "--format", "json").stdout)
-    placed = {a["class_name"]: a["node_id"] for a in actors if a["class_name"] in ("ClientPool", "ServerBlock")}
+    placed = {a["class_name"]: a["node_id"] for a in actors if a["class_name"] in ("ChannelClientPool", "ChannelServerBlock")}
     assert set(placed.values()) == {n["node_id"] for n in nodes}
 
     ours = _processes_of(pgids)

@@ -37,10 +37,11 @@ AUX = {
                            "algorithm.aux.init_from_server=true"],
 }
 # What each aux kind trains (and so sends) under LoRA on c_attn: see README, "Auxiliary heads under LoRA".
+# peft names an adapter's matrices `<layer>.lora_A.default.weight` and `<layer>.lora_B.default.weight`.
 AUX_TRAINABLE = {
-    "linear": {"lm_head.lora_A", "lm_head.lora_B"},
-    "blocks": {"h.0.attn.c_attn.lora_A", "h.0.attn.c_attn.lora_B"},
-    "blocks_from_server": {"h.0.attn.c_attn.lora_A", "h.0.attn.c_attn.lora_B"},
+    "linear": {"lm_head.lora_A.default.weight", "lm_head.lora_B.default.weight"},
+    "blocks": {"h.0.attn.c_attn.lora_A.default.weight", "h.0.attn.c_attn.lora_B.default.weight"},
+    "blocks_from_server": {"h.0.attn.c_attn.lora_A.default.weight", "h.0.attn.c_attn.lora_B.default.weight"},
 }
 
 
@@ -74,7 +75,7 @@ def test_gpt2_lora_round_moves_exactly_the_trainable_bytes(tmp_path, algo, aux_k
     cfg = load_config(None, GPT2 + ALGO[algo] + AUX[aux_kind] + [f"output.dir={tmp_path}"])
     device, server, aux = fresh_modules(cfg)
     assert set(trainable(aux)) == AUX_TRAINABLE[aux_kind]
-    head = "lm_head.base.weight" if aux_kind == "linear" else "lm_head.weight"  # adapted or plain, frozen
+    head = "lm_head.base_layer.weight" if aux_kind == "linear" else "lm_head.weight"  # adapted or plain, frozen
     assert {"ln_f.weight", "ln_f.bias", head} <= frozen(aux)
     assert not frozen(aux) & set(trainable(aux))
     for m in (device, server, aux):
@@ -102,11 +103,11 @@ def test_gpt2_linear_aux_head_adapter_uses_the_model_lora_and_starts_as_the_plai
     cfg = load_config(None, GPT2 + ALGO["cse_fsl"] + AUX["linear"] + ["model.lora.alpha=4", f"output.dir={tmp_path}"])
     _, server, aux = fresh_modules(cfg)
     _, _, again = fresh_modules(cfg)
-    head = aux.lm_head
-    assert head.r == 8 and head.scaling == 4 / 8 and tuple(head.lora_A.shape) == (8, 32)
-    assert head.lora_B.abs().sum() == 0  # B = 0: the aux equals norm + the server's head at start
-    assert (head.lora_A == again.lm_head.lora_A).all()  # deterministic from the aux seed
-    assert (head.base.weight == server.lm_head.weight).all()
+    head, a, b = aux.lm_head, aux.lm_head.lora_A["default"].weight, aux.lm_head.lora_B["default"].weight
+    assert head.r["default"] == 8 and head.scaling["default"] == 4 / 8 and tuple(a.shape) == (8, 32)
+    assert b.abs().sum() == 0  # B = 0: the aux equals norm + the server's head at start
+    assert (a == again.lm_head.lora_A["default"].weight).all()  # deterministic from the aux seed
+    assert (head.base_layer.weight == server.lm_head.weight).all()
 
 
 def test_vit_linear_aux_trains_its_fresh_classifier_whole(tmp_path):

@@ -9,14 +9,18 @@ import torch
 
 from sfl_ray.models.split import ModelParts
 from sfl_ray.models.task import target_count, task_loss
+from sfl_ray.runtime.precision import autocast
 from sfl_ray.runtime.wire import load_weights, to_tensor
 
 
 class Evaluator:
-    """Holds the test arrays and one copy of the models to load global weights into."""
+    """Holds the test arrays and one copy of the models to load global weights into. It runs
+    where the coordinator runs, on a CPU (no host-device copies), under train.precision."""
 
-    def __init__(self, parts: ModelParts, test_x: np.ndarray, test_y: np.ndarray, batch_size: int):
+    def __init__(self, parts: ModelParts, test_x: np.ndarray, test_y: np.ndarray, batch_size: int,
+                 precision: str = "fp32"):
         self.parts, self.x, self.y, self.batch_size = parts, test_x, test_y, batch_size
+        self.precision = precision
 
     @torch.no_grad()
     def evaluate(self, device_weights: dict, server_weights: dict) -> dict:
@@ -29,8 +33,9 @@ class Evaluator:
         for i in range(0, len(self.y), self.batch_size):
             xb = to_tensor(np.ascontiguousarray(self.x[i: i + self.batch_size]))
             yb = to_tensor(np.ascontiguousarray(self.y[i: i + self.batch_size]))
-            logits = model(xb)
-            loss += float(task_loss(logits, yb, reduction="sum"))
+            with autocast(self.precision, "cpu"):  # the model as it was trained
+                logits = model(xb)
+                loss += float(task_loss(logits, yb, reduction="sum"))
             count += target_count(yb)
             if logits.dim() == 2:
                 correct += int((logits.argmax(1) == yb).sum())

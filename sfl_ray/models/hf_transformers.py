@@ -117,12 +117,12 @@ def lora_aux(aux: nn.Module, lora: LoRAConfig, seed: int) -> None:
     theirs). GPT-2's head with no blocks (the `linear` aux) adapts its LM head: it is a copy
     of the frozen server's, so LoRA on it is the small thing left to train (A: r x H, B: V x r).
     """
-    from sfl_ray.models.lora import LoRALinear, apply_lora
+    from sfl_ray.models.lora import apply_lora, has_adapters
 
     targets = list(lora.target_modules)
     if isinstance(aux, GPT2Head) and len(aux.h) == 0:
         targets.append("lm_head")
-    if not any(isinstance(m, LoRALinear) for m in aux.modules()):
+    if not has_adapters(aux):
         try:
             apply_lora(aux, lora.model_copy(update={"target_modules": targets}), seed)
         except ValueError:

@@ -1,25 +1,33 @@
-"""LoRA (low-rank adaptation, Hu et al. 2021) for plain `nn.Module` blocks.
+"""LoRA (low-rank adaptation, Hu et al. 2021) on plain `nn.Module` blocks, through `peft`.
 
-Why not `peft`: peft wraps a whole `PreTrainedModel` (its forward and generation API) and
-saves adapters per model. Here a model is cut into a device block and a server block, plain
-nn.Modules that are trained in different processes and exchanged as separate state dicts,
-and the runtime counts exactly the trainable tensors it moves. This small module keeps that
-explicit (the trainable state is `trainable_state(block)`) and adds no dependency.
+A model here is cut into a device block and a server block (and auxiliary heads): plain
+nn.Modules trained in different processes. `peft.inject_adapter_in_model` adapts any
+nn.Module in place, so each block gets its own adapters without a `PeftModel` wrapper; what
+the runtime then exchanges and counts is the block's trainable state (see
+`models.split.mark_frozen` and `runtime.wire.module_weights`): the adapters' A and B, named as
+peft names them (`...c_attn.lora_A.default.weight`), plus any layer trained whole.
 
-Each wrapped layer computes  y = base(x) + dropout(x) @ A^T @ B^T * (alpha / r)  with the base
-frozen, A (r x in) random and B (out x r) zero, so the wrapped block equals the base at start.
+An adapted layer computes  y = base(x) + dropout(x) @ A^T @ B^T * (alpha / r)  with the base
+frozen, A (r x in) random and B (out x r) zero, so the adapted block equals the base at start.
+This module only adds what peft leaves to the caller: which layers (Linear and GPT-2 Conv1D
+whose names end with a target), a clear error when none match, and A drawn from the run's
+seed so every process builds identical adapters.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import torch
 import torch.nn as nn
 from pydantic import Field, field_validator
 
 from sfl_ray.config_base import Section
-from sfl_ray.seeding import derive_seed
+from sfl_ray.seeding import seeded_torch, torch_gen
+
+ADAPTER = "default"  # peft's adapter name: part of every adapter tensor's name
 
 
 class LoRAConfig(Section):
@@ -52,55 +60,25 @@ def _conv1d_type() -> type | None:
     return Conv1D
 
 
-def _io_features(layer: nn.Module) -> tuple[int, int]:
-    """(in, out) of a Linear (weight out x in) or a Conv1D (weight in x out, y = x @ W + b)."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    n_in, n_out = layer.weight.shape  # Conv1D: transposed layout
-    return n_in, n_out
-
-
-class LoRALinear(nn.Module):
-    """A frozen Linear/Conv1D plus a trainable low-rank update."""
-
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, generator: torch.Generator):
-        super().__init__()
-        self.base = base
-        n_in, n_out = _io_features(base)
-        self.r, self.scaling = r, alpha / r
-        w = base.weight
-        # Init on CPU from the generator (bit-identical on every process), then move.
-        a = torch.empty(r, n_in)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # as in the paper / peft
-        self.lora_A = nn.Parameter(a.to(device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(n_out, r, device=w.device, dtype=w.dtype))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base weight (for code that reads `.weight`, e.g. its dtype)."""
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = (self.dropout(x) @ self.lora_A.t()) @ self.lora_B.t()
-        return self.base(x) + update * self.scaling
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}"
-
-
 def _matches(name: str, targets: list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def has_adapters(module: nn.Module) -> bool:
+    """Whether any layer of `module` already carries peft adapters (e.g. blocks copied from an
+    adapted server)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
 def apply_lora(module: nn.Module, cfg: LoRAConfig, seed: int) -> list[str]:
-    """Wrap every Linear/Conv1D whose name (relative to `module`) ends with a target, in place;
-    freeze everything else. Returns the wrapped names. A's init depends only on (seed, name)."""
-    if any(isinstance(m, LoRALinear) for m in module.modules()):
+    """Adapt every Linear/Conv1D whose name (relative to `module`) ends with a target, in place,
+    with peft; freeze everything else. Returns the adapted names. A's init depends only on
+    (seed, name); the caller's global RNG is left as it was."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if has_adapters(module):
         raise ValueError("apply_lora: this module already has LoRA adapters")
     conv1d = _conv1d_type()
     kinds = (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
@@ -111,37 +89,27 @@ def apply_lora(module: nn.Module, cfg: LoRAConfig, seed: int) -> list[str]:
         shown = ", ".join(available[:8]) + (", ..." if len(available) > 8 else "") or "none"
         raise ValueError(f"apply_lora: no Linear/Conv1D layer matches target_modules={cfg.target_modules}; "
                          f"available ({len(available)}): {shown}")
-    for p in module.parameters():
-        p.requires_grad_(False)
-    for name, layer in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name)
-        gen = torch.Generator().manual_seed(derive_seed(seed, "lora", name))
-        wrapped = LoRALinear(layer, cfg.r, cfg.alpha, cfg.dropout, gen)
-        if cfg.train_bias and layer.bias is not None:
-            layer.bias.requires_grad_(True)
-        setattr(parent, child, wrapped)
-    return [n for n, _ in chosen]
-
-
-def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The adapters' A and B matrices, in module order."""
-    return [p for m in module.modules() if isinstance(m, LoRALinear) for p in (m.lora_A, m.lora_B)]
-
-
-def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Name -> tensor (detached, not copied) of every parameter with requires_grad: what is
-    exchanged and counted on the link. Load it back with `load_trainable_state`."""
-    return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy a `trainable_state` into `module`; the keys must be exactly its trainable ones."""
-    expected = {n for n, p in module.named_parameters() if p.requires_grad}
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise KeyError(f"load_trainable_state: missing {missing[:5]}, unexpected {extra[:5]}")
-    params = dict(module.named_parameters())
-    with torch.no_grad():
-        for n, t in state.items():
-            params[n].copy_(t)
+    names = [n for n, _ in chosen]
+    peft_cfg = LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        # The exact names chosen above (a regex peft full-matches): peft's own suffix rule would
+        # also adapt layers of other kinds (embeddings, convolutions) that happen to match.
+        target_modules="|".join(re.escape(n) for n in names),
+        bias="lora_only" if cfg.train_bias else "none",
+        # Conv1D stores its weight transposed: peft sets this per layer whatever we give, with a
+        # warning when it differs (only with Conv1D and Linear targets mixed; silenced below).
+        fan_in_fan_out=conv1d is not None and all(isinstance(m, conv1d) for _, m in chosen))
+    with seeded_torch(seed, "lora_inject"), warnings.catch_warnings():  # peft inits from the global RNG
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to")
+        # Older peft reads GPT-2's config and warns that lm_head is tied: the cut unties it.
+        warnings.filterwarnings("ignore", message="Model with `tie_word_embeddings=True`")
+        inject_adapter_in_model(peft_cfg, module, adapter_name=ADAPTER)
+    for name in names:
+        # A from a generator of (seed, name): the same on every process, and independent of which
+        # other layers are adapted (peft's would depend on the order of all of them).
+        a = module.get_submodule(name).lora_A[ADAPTER].weight
+        init = torch.empty(a.shape)
+        nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=torch_gen(seed, "lora", name))  # as peft does
+        with torch.no_grad():
+            a.copy_(init)
+    return names

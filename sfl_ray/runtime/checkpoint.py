@@ -164,4 +164,32 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}){offer}") from None
         if state.get("format") != FORMAT:
             raise CheckpointError(f"checkpoint {path} has format {state.get('format')}, expected {FORMAT}")
-        return state
+        return peft_lora_names(state)
+
+
+# -- older checkpoints ---------------------------------------------------------------------------
+# Before LoRA went through peft, an adapted layer P held P.base.{weight,bias}, P.lora_A, P.lora_B;
+# peft names them P.base_layer.*, P.lora_A.default.weight, P.lora_B.default.weight. Parameters
+# keep their order, so optimizer states (indexed by position) need nothing.
+_LEGACY_LORA = {".lora_A": ".lora_A.default.weight", ".lora_B": ".lora_B.default.weight",
+                ".base.weight": ".base_layer.weight", ".base.bias": ".base_layer.bias"}
+
+
+def peft_lora_names(tree: Any) -> Any:
+    """`tree` with every state dict written by the hand-written LoRA renamed to peft's names
+    (a dict is one when it has a `P.lora_A` key; only P's own keys are renamed)."""
+    if isinstance(tree, list):
+        return [peft_lora_names(v) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(peft_lora_names(v) for v in tree)
+    if not isinstance(tree, dict):
+        return tree
+    adapted = {k[:-len(".lora_A")] for k in tree if isinstance(k, str) and k.endswith(".lora_A")}
+
+    def renamed(k: Any) -> Any:
+        for old, new in _LEGACY_LORA.items():
+            if isinstance(k, str) and k.endswith(old) and k[:-len(old)] in adapted:
+                return k[:-len(old)] + new
+        return k
+
+    return {renamed(k): peft_lora_names(v) for k, v in tree.items()}

@@ -80,7 +80,8 @@ def run_experiment(algorithm_cls: type[Algorithm], cfg: Any, data: ArrayDataset,
         import torch
         torch.set_num_threads(cfg.cluster.torch_threads)
         executor = LocalExecutor(algorithm_cls, blueprint, data.train_x, data.train_y, shards, cfg.cluster.num_servers)
-        evaluator = Evaluator(blueprint.build_parts(), data.test_x, data.test_y, cfg.train.eval_batch_size)
+        evaluator = Evaluator(blueprint.build_parts(), data.test_x, data.test_y, cfg.train.eval_batch_size,
+                              blueprint.precision)
         coord = Coordinator(algorithm_cls(blueprint), executor, evaluator, writer, on_row=show, **common)
         return coord.run(coord.restore(resume) if resume else 1)
     return _run_on_ray(algorithm_cls, blueprint, cfg, data, shards, writer, common, show, resume)
@@ -93,7 +94,8 @@ def _run_on_ray(algorithm_cls, blueprint, cfg, data, shards, writer, common, sho
     from sfl_ray.runtime.ray_backend import FIRST_WAIT_S, start_actors
 
     executor = start_actors(algorithm_cls, blueprint, data.train_x, data.train_y, shards, cfg.cluster)
-    evaluator = Evaluator(blueprint.build_parts(), data.test_x, data.test_y, cfg.train.eval_batch_size)
+    evaluator = Evaluator(blueprint.build_parts(), data.test_x, data.test_y, cfg.train.eval_batch_size,
+                          blueprint.precision)
     # The coordinator stays on the driver's node so a local run directory is where the user looks.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     make = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2, scheduling_strategy=here)

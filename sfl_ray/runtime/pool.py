@@ -22,6 +22,7 @@ from sfl_ray.runtime.codec import decode
 from sfl_ray.runtime.finite import check_client_reply
 from sfl_ray.runtime.faults import ActorLost
 from sfl_ray.runtime.link import DOWN, UP, Ledger, Link, ServerEndpoint
+from sfl_ray.runtime.precision import autocast
 from sfl_ray.runtime.protocol import Algorithm, Blueprint, ClientContext, ClientReply
 from sfl_ray.runtime.wire import pack
 
@@ -125,7 +126,8 @@ class ClientPool:
         reply = ClientReply(client=client)
         try:
             with meter.measuring() as cost:
-                up, info = getattr(self.algorithm, program)(ctx, down)
+                with autocast(self.blueprint.precision, self.device):
+                    up, info = getattr(self.algorithm, program)(ctx, down)
             ctx.save_optimizers()
             if ctx.keep_measuring and measure == "exact":
                 self._open_trackers[client] = tracker

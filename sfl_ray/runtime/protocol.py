@@ -24,6 +24,7 @@ from sfl_ray.metrics.device_cost import MemoryTracker, Meter
 from sfl_ray.models.split import ModelParts, build_parts
 from sfl_ray.runtime.codec import Codec
 from sfl_ray.runtime.link import Link
+from sfl_ray.runtime.wire import to_device
 from sfl_ray.seeding import derive_seed, torch_gen
 
 
@@ -56,6 +57,11 @@ class Blueprint:
     def persist_optimizers(self) -> bool:
         """train.optimizer_state: keep optimizer state (moments, momentum) across rounds."""
         return getattr(self.train, "optimizer_state", "persist") == "persist"
+
+    @property
+    def precision(self) -> str:
+        """train.precision: fp32, or the autocast dtype of forward passes (runtime.precision)."""
+        return getattr(self.train, "precision", "fp32")
 
     def build_parts(self) -> ModelParts:
         return build_parts(self.model_name, self.cut, self.in_shape, self.num_classes, self.seed, self.model)
@@ -121,7 +127,7 @@ class ClientContext:
                 token = self.meter.begin_batch((self.program, tuple(xb.shape), str(xb.dtype), tuple(yb.shape),
                                                 varies(k) if varies is not None else None))
             try:
-                yield xb.to(self.device), yb.to(self.device)
+                yield to_device(xb, self.device), to_device(yb, self.device)
             finally:
                 if self.meter is not None:
                     self.meter.end_batch(token)

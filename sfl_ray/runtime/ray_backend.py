@@ -17,9 +17,8 @@ import ray
 from sfl_ray.config_base import ConfigError
 from sfl_ray.data.partition import Partition
 from sfl_ray.runtime.faults import ActorLost
-from sfl_ray.runtime.pool import ClientPool
+from sfl_ray.runtime.channels import ChannelClientPool, ChannelServerBlock
 from sfl_ray.runtime.protocol import ClientReply
-from sfl_ray.runtime.server import ServerBlock
 
 log = logging.getLogger("sfl_ray.ray")
 
@@ -54,6 +53,8 @@ class RayExecutor:
         self.blueprint, self.cluster = blueprint, cluster
         self.num_servers = len(servers)
         self.longest_call_s = 0.0  # the slowest client call so far: waits scale with it
+        self.exchange = getattr(cluster, "exchange", "actor_calls")
+        self.links: dict = {}
 
     @property
     def timeout_s(self) -> float:
@@ -122,6 +123,29 @@ class RayExecutor:
             on_done(r)
         return results  # type: ignore[return-value]
 
+    def connect(self) -> dict:
+        """Give every pool a channel pair to each server block on its node (cluster.exchange=
+        channels); returns {"channels": n, "actor_calls": m} pool-server pairs."""
+        counts = {"channels": 0, "actor_calls": 0}
+        if not self.servers or self.exchange != "channels":
+            counts["actor_calls"] = len(self.pools) * len(self.servers)
+            self.links = counts
+            return counts
+        where = self.placement()
+        wait = self.cluster.task_timeout_s or FIRST_WAIT_S
+        for i, (pool, p) in enumerate(zip(self.pools, where["pools"])):
+            for j, (server, s) in enumerate(zip(self.servers, where["servers"])):
+                if p["node_id"] != s["node_id"]:  # shared memory does not cross nodes
+                    counts["actor_calls"] += 1
+                    continue
+                reply = self._get(server.open_reply_channel.remote(pool, p["node_id"]), f"server block {j}")
+                request = self._get(pool.open_request_channel.remote(server, s["node_id"]), f"client pool {i}")
+                pid = self._get(server.serve.remote(i, request, reply), f"server block {j}")
+                self._get(pool.use_channels.remote(j, request, reply, server, pid, wait), f"client pool {i}")
+                counts["channels"] += 1
+        self.links = counts
+        return counts
+
     def recover(self, deadline_s: float = 180.0) -> None:
         """Wait until every pool and server block answers again (Ray restarts a lost one: same
         handle, fresh process, state to be restored by the caller)."""
@@ -138,6 +162,7 @@ class RayExecutor:
                     time.sleep(0.5)
                 except ray.exceptions.GetTimeoutError:
                     raise ActorLost(f"{what} did not come back within {deadline_s}s") from None
+        self.connect()  # a restarted pool or block lost its channels: every pair gets new ones
 
     def client_states(self, clients: Optional[Sequence[int]] = None) -> dict:
         """Every client's state (only `clients`', if given), from the pools hosting them."""
@@ -219,7 +244,7 @@ def plan_topology(cluster, num_clients: int, needs_server: bool) -> tuple[int, i
 def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) -> RayExecutor:
     """Create server block and client pool actors and wait until each is alive."""
     pools_n, servers_n = plan_topology(cluster, len(shards), algorithm_cls.wants_server_blocks(blueprint.algorithm))
-    server_actor = ray.remote(ServerBlock)
+    server_actor = ray.remote(ChannelServerBlock)
     # A lost pool or server block is restarted by Ray (same handle, so every endpoint stays valid);
     # the coordinator restores its state from the round-start snapshot (see Coordinator).
     servers = [server_actor.options(num_cpus=cluster.server_cpus, num_gpus=cluster.server_gpus, max_restarts=3,
@@ -228,7 +253,7 @@ def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) ->
     # A pool waits on its server block per batch: far less work than a client call.
     endpoints = [RayEndpoint(s, cluster.task_timeout_s or FIRST_WAIT_S, i) for i, s in enumerate(servers)]
     x_ref, y_ref = ray.put(train_x), ray.put(train_y)
-    pool_actor = ray.remote(ClientPool)
+    pool_actor = ray.remote(ChannelClientPool)
     pools = []
     shards = Partition.from_lists(shards)
     for p in range(pools_n):
@@ -246,4 +271,7 @@ def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) ->
     ex = RayExecutor(pools, servers, cluster.task_timeout_s, blueprint, cluster)
     # The pools' constructor arguments must outlive start-up: Ray re-reads them to restart a pool.
     ex.keep_alive = (x_ref, y_ref)
+    links = ex.connect()
+    log.info("device<->server exchange: %d pool-server pair(s) on channels, %d on actor calls",
+             links["channels"], links["actor_calls"])
     return ex

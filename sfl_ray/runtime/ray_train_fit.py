@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from sfl_ray.metrics.device_cost import FlopCounter
 
 from sfl_ray.runtime.server_fit import ServerFit, train_epoch
-from sfl_ray.runtime.wire import Weights, load_weights, to_numpy
+from sfl_ray.runtime.precision import autocast
+from sfl_ray.runtime.wire import Weights, load_weights, to_device, to_numpy
 from sfl_ray.seeding import derive_seed
 
 CHECKPOINT_FILE = "server.safetensors"
@@ -56,11 +57,12 @@ def _loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     for epoch in range(req.epochs):
         seed = derive_seed(req.seed, "ampere_server", epoch) % (2 ** 31)
-        batches = ((b["z"].to(device), b["y"].to(device), b["owner"].numpy()) for b in shard.iter_torch_batches(
-            batch_size=req.batch_size, local_shuffle_buffer_size=len(req.y) if req.shuffle else None,
-            local_shuffle_seed=seed if req.shuffle else None, device="cpu"))
+        batches = ((to_device(b["z"], device), to_device(b["y"], device), b["owner"].numpy())
+                   for b in shard.iter_torch_batches(
+                       batch_size=req.batch_size, local_shuffle_buffer_size=len(req.y) if req.shuffle else None,
+                       local_shuffle_seed=seed if req.shuffle else None, device="cpu"))
         counter = FlopCounter()
-        with counter:
+        with counter, autocast(bp.precision, device):
             stats = train_epoch(model, opt, batches)
         stats["flops"] = float(counter.flops)
         if ctx.get_world_size() > 1:  # sum the workers' shares

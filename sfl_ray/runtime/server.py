@@ -7,6 +7,7 @@ handed to the program as tensors; replies go back as numpy arrays.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Optional
 
 import torch
@@ -14,6 +15,7 @@ from sfl_ray.metrics.device_cost import FlopCache, FlopCounter
 
 from sfl_ray.runtime.codec import decode
 from sfl_ray.runtime.pool import where_am_i
+from sfl_ray.runtime.precision import autocast
 from sfl_ray.runtime.protocol import Algorithm, Blueprint, ServerContext
 from sfl_ray.runtime.wire import pack, to_tensor
 
@@ -40,20 +42,25 @@ class ServerBlock:
         self.device = device
         self.program = algorithm_cls.server_cls(ServerContext(blueprint, index, device))
         self.codec = blueprint.codec
+        self.precision = blueprint.precision
         self.flops = 0
         self.measure = blueprint.measure
         self.flop_cache = FlopCache()
+        # Requests may arrive on channel threads (runtime.channels) besides the actor's own
+        # thread: the program runs one request or control call at a time, in arrival order.
+        self.lock = threading.RLock()
 
     def _counted(self, fn, *args: Any, key: Optional[tuple] = None) -> Any:
-        if self.measure == "off":
-            return fn(*args)
-        if key is not None and key in self.flop_cache.flops:
-            self.flop_cache.hits += 1
-            self.flops += self.flop_cache.flops[key]
-            return fn(*args)
-        counter = FlopCounter()
-        with counter:
-            out = fn(*args)
+        with autocast(self.precision, self.device):
+            if self.measure == "off":
+                return fn(*args)
+            if key is not None and key in self.flop_cache.flops:
+                self.flop_cache.hits += 1
+                self.flops += self.flop_cache.flops[key]
+                return fn(*args)
+            counter = FlopCounter()
+            with counter:
+                out = fn(*args)
         self.flops += counter.flops
         if key is not None:
             self.flop_cache.misses += 1
@@ -63,6 +70,10 @@ class ServerBlock:
     def call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
         """A request from a client over the link: compressed activations are decoded here, and
         the reply's gradients compressed (link.compression)."""
+        with self.lock:
+            return self._call(method, client, arrays, info)
+
+    def _call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
         fn = getattr(self.program, method)
         key = None
         if self.measure == "sampled" and method in self.program.flops_by_shape:
@@ -72,11 +83,13 @@ class ServerBlock:
 
     def control(self, method: str, *args: Any) -> Any:
         """A call from the schedule (server-side work, not on the link)."""
-        return self._counted(getattr(self.program, method), *args)
+        with self.lock:
+            return self._counted(getattr(self.program, method), *args)
 
     def pop_flops(self) -> int:
         """FLOPs since the last call (the coordinator reads this once per round)."""
-        f, self.flops = self.flops, 0
+        with self.lock:
+            f, self.flops = self.flops, 0
         return f
 
     def ping(self) -> dict:

@@ -13,23 +13,48 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from sfl_ray.metrics.device_cost import off_device
+
 Weights = dict[str, np.ndarray]
 
 
 def to_numpy(t: torch.Tensor, copy: bool = False) -> np.ndarray:
     """A tensor as a contiguous CPU numpy array (no autograd history). copy=True for state
-    that must not change when the tensor is later updated in place (weights)."""
-    a = t.detach().cpu().numpy()
+    that must not change when the tensor is later updated in place (weights). bfloat16 (an
+    autocast output, see runtime.precision) becomes float32: numpy has no bfloat16, and the
+    wire carries float32 unless a codec says otherwise."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.float()  # exact: every bfloat16 is a float32
+    # .cpu() is a blocking copy: it waits for the work queued on the tensor's stream, including
+    # the non-blocking host->device copies of to_device, so the array is never read early.
+    a = t.cpu().numpy()
     return a.copy() if copy else np.ascontiguousarray(a)
 
 
+def to_device(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """`t` on `device`: the one way host tensors reach a device. To a GPU from page-locked
+    memory, without blocking (the copy overlaps the host's next work; ops on the device run
+    after it, in stream order, and the caching host allocator keeps the pinned buffer until
+    the copy is done). Anywhere else a plain `.to`, which is `t` itself when it is already
+    there: on a CPU this is a no-op and gives the same bits."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        # Unmeasured, as on a CPU where the batch is no op's output: the pinned host copy is
+        # staging, not device memory, and the device copy counts once autograd saves it.
+        with off_device():
+            return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def to_tensor(a: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
-    """A numpy array as a tensor; arrays read from the object store are read-only, so the
-    tensor shares memory until something writes (nothing does: we copy into params)."""
+    """A numpy array as a tensor on `device`; arrays read from the object store are read-only,
+    so on the CPU the tensor shares memory until something writes (nothing does: we copy into
+    params)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         t = torch.from_numpy(a)
-    return t.to(device) if str(device) != "cpu" else t
+    return to_device(t, device)
 
 
 def frozen_names(module: nn.Module) -> set[str]:
@@ -52,7 +77,7 @@ def load_weights(module: nn.Module, weights: Mapping[str, np.ndarray], strict: b
         raise KeyError(f"weights do not match the module: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}")
     with torch.no_grad():
         for name, value in weights.items():
-            state[name].copy_(to_tensor(value))
+            state[name].copy_(to_tensor(value, state[name].device))
 
 
 def payload_nbytes(value: Any) -> int:

@@ -1,0 +1,159 @@
+"""The fast device<->server path on one node: Ray shared-memory channels, the transport under
+Ray Compiled Graphs, one request/reply pair per (client pool, server block).
+
+A Compiled Graph itself does not fit this exchange: only the process that compiles a graph may
+run it, and an actor takes part in one graph at a time, while here every pool starts its own
+exchanges with the same server block, per batch, from inside a client program. The channels a
+graph would use do fit: the pool writes a request (numpy arrays, serialised out of band, read
+zero-copy), a thread in the server block reads it, runs the server program under the block's
+lock and writes the reply. A round trip costs a memory copy and a wake-up instead of a task
+submission (see bench/transfer.py). Pools and server blocks on different nodes keep actor calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+import ray
+from ray.experimental.channel.shared_memory_channel import Channel
+
+from sfl_ray.runtime.faults import ActorLost
+from sfl_ray.runtime.pool import ClientPool
+from sfl_ray.runtime.server import ServerBlock
+
+log = logging.getLogger("sfl_ray.channels")
+
+BUFFER_BYTES = 1 << 20  # grows on demand (the channel resizes itself for a larger payload)
+POLL_S = 2.0            # how often a waiting pool checks that its server block still lives
+_CLOSED = getattr(ray.exceptions, "RayChannelError", RuntimeError)
+_TIMEOUT = getattr(ray.exceptions, "RayChannelTimeoutError", TimeoutError)
+
+
+def _owned(value: Any) -> Any:
+    """A payload read from a channel, copied out of the channel's buffer: the buffer is reused
+    by the next message, and receivers keep what they get (buffers of uploads, gradients)."""
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, dict):
+        return {k: _owned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_owned(v) for v in value)
+    return value
+
+
+def _me() -> Any:
+    return ray.get_runtime_context().current_actor
+
+
+class ChannelEndpoint:
+    """A pool's way to a server block on its node, through a channel pair."""
+
+    def __init__(self, request: Channel, reply: Channel, server: Any, server_pid: int, index: int, timeout_s: float):
+        self.request, self.reply, self.server = request, reply, server
+        self.server_pid, self.index, self.timeout_s = server_pid, index, timeout_s
+
+    def _check_alive(self, method: str) -> None:
+        try:
+            pid = ray.get(self.server.ping.remote(), timeout=60)["pid"]
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+            raise ActorLost(f"server block {self.index} lost during {method!r}: {type(err).__name__}") from None
+        if pid != self.server_pid:  # restarted: its channels went with the old process
+            raise ActorLost(f"server block {self.index} was restarted during {method!r}")
+
+    def _wait(self, op, method: str, client: int) -> Any:
+        end = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                return op(min(POLL_S, max(0.0, end - time.monotonic())))
+            except _TIMEOUT:
+                self._check_alive(method)
+                if time.monotonic() >= end:
+                    raise TimeoutError(f"server block {self.index} did not answer {method!r} from client {client} "
+                                       f"within cluster.task_timeout_s={self.timeout_s}s") from None
+            except _CLOSED:
+                raise ActorLost(f"server block {self.index}: its channel closed during {method!r}") from None
+
+    def call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
+        self._wait(lambda t: self.request.write((method, client, arrays, info), timeout=t), method, client)
+        status, *body = self._wait(lambda t: self.reply.read(timeout=t), method, client)
+        if status == "error":
+            raise RuntimeError(f"server block {self.index} failed in {method!r}:\n{body[0]}")
+        reply, reply_info = body
+        return _owned(reply), reply_info
+
+
+class ChannelClientPool(ClientPool):
+    """A client pool that can reach server blocks on its node through channels."""
+
+    def open_request_channel(self, server: Any, server_node: str) -> Channel:
+        """The channel this pool writes requests to, read by `server` (a Channel is made by its writer)."""
+        return Channel(_me(), [(server, server_node)], BUFFER_BYTES)
+
+    def use_channels(self, index: int, request: Channel, reply: Channel, server: Any, server_pid: int,
+                     timeout_s: float) -> None:
+        """Reach server block `index` through this channel pair from now on."""
+        request.ensure_registered_as_writer()
+        reply.ensure_registered_as_reader()
+        self.servers[index] = ChannelEndpoint(request, reply, server, server_pid, index, timeout_s)
+
+    def call_server(self, index: int, method: str, arrays: dict) -> str:
+        """Send one request to server block `index` the way clients do; the reply's kinds, or the
+        error it raised (for health checks and tests)."""
+        try:
+            reply, _ = self.servers[index].call(method, -1, arrays, {})
+            return ",".join(sorted(reply))
+        except Exception as err:  # noqa: BLE001 - reported, not raised
+            return str(err)
+
+
+class ChannelServerBlock(ServerBlock):
+    """A server block that also answers requests arriving on channels, one thread per pool."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._serving: dict[int, tuple[Channel, Channel, threading.Thread]] = {}
+
+    def open_reply_channel(self, pool: Any, pool_node: str) -> Channel:
+        """The channel this block writes replies to, read by `pool`."""
+        return Channel(_me(), [(pool, pool_node)], BUFFER_BYTES)
+
+    def serve(self, pool_index: int, request: Channel, reply: Channel) -> int:
+        """Answer pool `pool_index`'s requests from now on (ending the thread that served an earlier
+        incarnation of that pool); returns this process's id, which the pool watches."""
+        import os
+        old = self._serving.pop(pool_index, None)
+        if old is not None:
+            for ch in old[:2]:
+                try:
+                    ch.close()  # the old thread's read fails and it ends
+                except Exception:  # noqa: BLE001 - a channel of a dead process may not close cleanly
+                    pass
+        t = threading.Thread(target=self._serve_loop, args=(pool_index, request, reply), daemon=True,
+                             name=f"sfl-channel-{pool_index}")
+        self._serving[pool_index] = (request, reply, t)
+        t.start()
+        return os.getpid()
+
+    def _serve_loop(self, pool_index: int, request: Channel, reply: Channel) -> None:
+        try:
+            request.ensure_registered_as_reader()
+            reply.ensure_registered_as_writer()
+            while True:
+                msg = request.read()
+                method, client, arrays, info = msg
+                arrays = _owned(arrays)
+                del msg  # release the request buffer before the (long) server step
+                try:
+                    out = ("ok", *self.call(method, client, arrays, info))
+                except Exception:  # noqa: BLE001 - the client program raises it, as an actor call would
+                    out = ("error", traceback.format_exc())
+                reply.write(out)
+        except _CLOSED:
+            return  # replaced by a newer pool incarnation, or shutting down
+        except Exception:  # noqa: BLE001 - a dead loop must say why; the pool then times out and checks us
+            log.exception("channel thread for pool %d ended", pool_index)

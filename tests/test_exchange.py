@@ -1,0 +1,74 @@
+"""The device<->server exchange on Ray: channel pairs between co-located pools and server blocks
+(actor calls across nodes), with numbers bit-identical to actor calls and to the local backend."""
+
+import json
+
+import pytest
+
+from sfl_ray.run import prepare
+from sfl_ray.runtime.launch import make_blueprint, run_experiment
+from tests.helpers import small_config, without_timing
+
+pytestmark = pytest.mark.slow  # starts Ray actors
+
+# Pools and server block all on the test cluster's GPU node: every pair can use a channel.
+ON_ONE_NODE = ("cluster.num_pools=2", "cluster.client_gpus=0.5", "cluster.server_gpus=1", "cluster.pool_cpus=0.5",
+               "cluster.server_cpus=0.5")
+
+
+def _rows(cfg):
+    with open(f"{cfg.run_dir()}/metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_colocated_pairs_get_channels_and_distant_ones_actor_calls(ray_cluster, run_dir):
+    from sfl_ray.runtime.ray_backend import start_actors
+
+    # a server block of 2 CPUs fills a node of the test cluster: both pools land on the other one
+    apart = ("cluster.num_pools=2", "cluster.pool_cpus=1", "cluster.server_cpus=2")
+    for extra, expected in ((ON_ONE_NODE, 2), (apart, 0)):
+        cfg = small_config(run_dir, "algorithm.name=splitfed_v2", *extra)
+        algorithm_cls, data, shards, _ = prepare(cfg)
+        ex = start_actors(algorithm_cls, make_blueprint(cfg, data), data.train_x, data.train_y, shards, cfg.cluster)
+        try:
+            where = ex.placement()
+            server_node = where["servers"][0]["node_id"]
+            together = sum(p["node_id"] == server_node for p in where["pools"])
+            assert together == expected
+            assert ex.links == {"channels": together, "actor_calls": 2 - together}
+        finally:
+            ex.shutdown()
+
+
+@pytest.mark.parametrize("algo", ["splitfed_v2", "fsl_sage"])
+def test_channels_give_the_numbers_of_actor_calls_and_of_the_local_backend(ray_cluster, run_dir, algo):
+    rows = {}
+    for name, extra in (("local", ["cluster.backend=local"]), ("channels", ["cluster.exchange=channels"]),
+                        ("actor_calls", ["cluster.exchange=actor_calls"])):
+        cfg = small_config(run_dir, f"algorithm.name={algo}", "train.optimizer=adam", "train.lr=0.001",
+                           f"output.name={algo}-{name}", *ON_ONE_NODE, *extra)
+        algorithm_cls, data, shards, _ = prepare(cfg)
+        run_experiment(algorithm_cls, cfg, data, shards)
+        rows[name] = without_timing(_rows(cfg))
+    assert rows["channels"] == rows["local"] == rows["actor_calls"]
+    assert rows["channels"][0]["bytes_up"] > 0
+
+
+def test_a_server_error_reaches_the_client_through_the_channel(ray_cluster, run_dir):
+    import numpy as np
+    import ray
+
+    from sfl_ray.runtime.ray_backend import start_actors
+
+    cfg = small_config(run_dir, "algorithm.name=splitfed_v2", *ON_ONE_NODE)
+    algorithm_cls, data, shards, _ = prepare(cfg)
+    ex = start_actors(algorithm_cls, make_blueprint(cfg, data), data.train_x, data.train_y, shards, cfg.cluster)
+    try:
+        assert ex.links["channels"] == 2
+        # a malformed request (activations of the wrong shape): the server program raises
+        down = {"weights": ex.server_control(0, "get_weights")}
+        bad = ray.get(ex.pools[0].call_server.remote(0, "train_step", {"activations": np.zeros((2, 3), np.float32),
+                                                                      "labels": np.zeros(2, np.int64)}))
+        assert "server block 0 failed in 'train_step'" in bad and down
+    finally:
+        ex.shutdown()
