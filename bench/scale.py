@@ -3,6 +3,7 @@ clients grows, and what ten thousand registered clients cost when a hundred are 
 
     python bench/scale.py [--clients 10 100 500] [--algorithms fedavg splitfed_v2 cse_fsl fsl_sage ampere]
                           [--rounds 3] [--samples-per-client 4] [--registered 10000] [--sampled 100]
+                          [--registered-rounds 8]
 
 Each run is the quickstart job (built-in MNIST, cnn cut at pool2) on the Ray backend, shrunk so
 that what grows is the number of clients, not the work: `samples-per-client` training samples per
@@ -17,7 +18,7 @@ to a round wall-clock, its own training step included (an upper bound on its fix
 
 Then FedAvg with `registered` clients registered and `sampled` run per round, against `sampled`
 registered, one sample a client either way: start-up, round time and peak RSS should not depend
-on the registered count. About 6 minutes on 2 cores; the last line is one JSON object.
+on the registered count. About 3.5 minutes on 2 cores; the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -82,6 +83,21 @@ class PeakRSS:
         self.peak = max(self.peak, self.now())
 
 
+def settle(timeout_s: float = 20.0) -> None:
+    """Wait until the actors of the previous run have exited, so that a run's peak RSS is its own."""
+    end = time.time() + timeout_s
+    while time.time() < end:
+        names = []
+        for p in psutil.Process().children(recursive=True):
+            try:
+                names.append(p.cmdline()[0] if p.cmdline() else "")
+            except psutil.Error:
+                pass
+        if not any(n.startswith("ray::") and not n.startswith("ray::IDLE") for n in names):
+            return
+        time.sleep(0.2)
+
+
 def run(out: str, name: str, algo: str, clients: int, sampled: int, train_samples: int, batch: int,
         rounds: int) -> dict:
     """One job on Ray; its round times, start-up and peak RSS."""
@@ -92,6 +108,7 @@ def run(out: str, name: str, algo: str, clients: int, sampled: int, train_sample
         "cluster.backend=ray", "cluster.num_pools=2", "cluster.pool_cpus=0.5", "cluster.server_cpus=0.5",
         f"output.dir={out}", f"output.name={name}", "output.progress=false", "output.checkpoint_every=0",
         "output.overwrite=true", *EXTRA.get(algo, [])])
+    settle()
     with PeakRSS() as rss:
         t0 = time.perf_counter()
         data = load_source(cfg.data)  # its cost grows with the samples, not the clients: timed apart
@@ -151,6 +168,7 @@ def main() -> None:
     ap.add_argument("--samples-per-client", type=int, default=4)
     ap.add_argument("--registered", type=int, default=10_000, help="0: skip the registered/sampled case")
     ap.add_argument("--sampled", type=int, default=100)
+    ap.add_argument("--registered-rounds", type=int, default=8, help="rounds of the registered/sampled runs")
     args = ap.parse_args()
     start_local_ray()
     out = tempfile.mkdtemp(prefix="sfl_bench_scale")
@@ -177,8 +195,9 @@ def main() -> None:
     if args.registered:
         # one sample a client either way: `sampled` registered with `sampled` samples, `registered`
         # with `registered` samples; the sampled clients' work is the same
-        few = run(out, "registered-few", "fedavg", args.sampled, args.sampled, args.sampled, 32, args.rounds)
-        many = run(out, "registered-many", "fedavg", args.registered, args.sampled, args.registered, 32, args.rounds)
+        r = args.registered_rounds
+        few = run(out, "registered-few", "fedavg", args.sampled, args.sampled, args.sampled, 32, r)
+        many = run(out, "registered-many", "fedavg", args.registered, args.sampled, args.registered, 32, r)
         for n, r in ((args.sampled, few), (args.registered, many)):
             print(f"registered {n:>6}, sampled {args.sampled}: round {r['round_s']:.3f}s, start {r['start_s']:.1f}s "
                   f"(partition + checks {r['prepare_s']:.2f}s; data {r['load_s']:.2f}s apart), "
