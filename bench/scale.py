@@ -90,10 +90,12 @@ def settle(timeout_s: float = 20.0) -> None:
         names = []
         for p in psutil.Process().children(recursive=True):
             try:
-                names.append(p.cmdline()[0] if p.cmdline() else "")
+                names.append(p.cmdline()[0].strip() if p.cmdline() else "")
             except psutil.Error:
                 pass
-        if not any(n.startswith("ray::") and not n.startswith("ray::IDLE") for n in names):
+        # actors are ray::<Class>; idle workers (ray::IDLE) and the node's agents stay
+        if not any(n.startswith("ray::") and not n.startswith("ray::IDLE") and not n.endswith("Agent")
+                   for n in names):
             return
         time.sleep(0.2)
 
