@@ -18,13 +18,13 @@ import time
 import traceback
 from typing import Any
 
-import numpy as np
 import ray
 from ray.experimental.channel.shared_memory_channel import Channel
 
 from sfl_ray.runtime.faults import ActorLost
 from sfl_ray.runtime.pool import ClientPool
 from sfl_ray.runtime.server import ServerBlock
+from sfl_ray.runtime.wire import owned
 
 log = logging.getLogger("sfl_ray.channels")
 
@@ -32,18 +32,6 @@ BUFFER_BYTES = 1 << 20  # grows on demand (the channel resizes itself for a larg
 POLL_S = 2.0            # how often a waiting pool checks that its server block still lives
 _CLOSED = getattr(ray.exceptions, "RayChannelError", RuntimeError)
 _TIMEOUT = getattr(ray.exceptions, "RayChannelTimeoutError", TimeoutError)
-
-
-def _owned(value: Any) -> Any:
-    """A payload read from a channel, copied out of the channel's buffer: the buffer is reused
-    by the next message, and receivers keep what they get (buffers of uploads, gradients)."""
-    if isinstance(value, np.ndarray):
-        return value.copy()
-    if isinstance(value, dict):
-        return {k: _owned(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_owned(v) for v in value)
-    return value
 
 
 def _me() -> Any:
@@ -84,7 +72,7 @@ class ChannelEndpoint:
         if status == "error":
             raise RuntimeError(f"server block {self.index} failed in {method!r}:\n{body[0]}")
         reply, reply_info = body
-        return _owned(reply), reply_info
+        return owned(reply), reply_info  # out of the reply buffer: receivers keep what they get
 
 
 class ChannelClientPool(ClientPool):
@@ -146,7 +134,7 @@ class ChannelServerBlock(ServerBlock):
             while True:
                 msg = request.read()
                 method, client, arrays, info = msg
-                arrays = _owned(arrays)
+                arrays = owned(arrays)  # out of the request buffer: the next message reuses it
                 del msg  # release the request buffer before the (long) server step
                 try:
                     out = ("ok", *self.call(method, client, arrays, info))

@@ -11,6 +11,7 @@ from sfl_ray.data.partition import Partition
 from sfl_ray.runtime.pool import ClientPool
 from sfl_ray.runtime.protocol import ClientReply
 from sfl_ray.runtime.server import ServerBlock
+from sfl_ray.runtime.wire import owned
 
 
 class LocalEndpoint:
@@ -22,12 +23,8 @@ class LocalEndpoint:
     def call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
         # Copy both ways, as serialisation does on the Ray backend: the server must never hold
         # the device's own storage (that would change what the device's memory tracker sees).
-        reply, reply_info = self.server.call(method, client, _copy(arrays), info)
-        return _copy(reply), reply_info
-
-
-def _copy(payload: dict) -> dict:
-    return {k: (_copy(v) if isinstance(v, dict) else v.copy()) for k, v in payload.items()}
+        reply, reply_info = self.server.call(method, client, owned(arrays), info)
+        return owned(reply), reply_info
 
 
 class LocalExecutor:
@@ -50,7 +47,7 @@ class LocalExecutor:
                               measure(c) if measure else "exact")
             # As serialisation does on Ray: the reply must not keep the device's tensors alive (an
             # upload shares its storage), or the device's memory tracker sees them live too long.
-            r.up = _copy(r.up)
+            r.up = owned(r.up)
             on_done(r)
             replies.append(r)
             if r.error and not parallel:

@@ -93,6 +93,18 @@ def payload_nbytes(value: Any) -> int:
     raise TypeError(f"cannot send a {type(value).__name__} across the link; send arrays or dicts of arrays")
 
 
+def owned(value: Any) -> Any:
+    """A payload with every array copied: what a receiver keeps must not share the sender's
+    storage (a device tensor on the local backend, a reused channel buffer on Ray)."""
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, Mapping):
+        return {k: owned(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(owned(v) for v in value)
+    return value
+
+
 def pack(payload: Mapping[str, Any]) -> dict[str, Any]:
     """Tensors -> numpy arrays, recursively, for the wire."""
     out: dict[str, Any] = {}
