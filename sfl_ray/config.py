@@ -1,7 +1,9 @@
 """One experiment as a pydantic tree: YAML in, validated object out.
 
 Each component owns its section; the algorithm section is a union discriminated by
-`name`, with the classes defined beside each algorithm in `sfl_ray/algorithms/`.
+`name`, with the classes defined beside each algorithm in `sfl_ray/algorithms/`. The algorithm
+union, the model and data names and their plug-ins' `options` follow `sfl_ray.registry`: the
+classes below are rebuilt whenever a plug-in registers (`_follow_registry`).
 """
 
 from __future__ import annotations
@@ -13,15 +15,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from sfl_ray import registry
 from sfl_ray.algorithms import algorithm_config_classes
 from sfl_ray.config_base import MAX_RATE, ConfigError, Section
 from sfl_ray.metrics.keys import ROW_METRICS
 from sfl_ray.models.lora import LoRAConfig
 
 AlgorithmConfig = Annotated[
-    Union[tuple(algorithm_config_classes())],  # type: ignore[misc]
+    Union[tuple(algorithm_config_classes(load_plugins=False))],  # type: ignore[misc]
     Field(discriminator="name"),
 ]
 
@@ -48,9 +51,24 @@ class TransformerConfig(Section):
         return _expand_home(v)
 
 
+def _plugin_options(kind: str, name: Optional[str], value: Any) -> Any:
+    """`model.options` / `data.options`: validated by the options class the plug-in registered
+    with (its defaults when absent); built-ins, and plug-ins without one, take none."""
+    if name is None:
+        return None  # the name itself was refused: that is the error to report
+    cls = registry.options_class(kind, name)
+    if cls is None:
+        if value is not None:
+            raise ValueError(f"{kind} {name!r} takes no options")
+        return None
+    if value is None:
+        return cls()
+    return value if isinstance(value, cls) else cls.model_validate(value)
+
+
 class ModelConfig(Section):
-    name: Literal["cnn", "simple_conv", "resnet18", "vgg11", "gpt2", "vit"] = Field(
-        "cnn", description="Architecture from the model zoo.")
+    # The names are the registry's (Literal of them, set by _follow_registry).
+    name: str = Field("cnn", description="Architecture: one of the model zoo's, or a plug-in's (docs/extending.md).")
     cut: Optional[str] = Field(None, description="CNNs: last layer of the device block; transformers: blockK "
                                "(the device keeps the first K blocks); None = the model's default cut.")
     stem: Literal["cifar", "imagenet"] = Field("cifar", description="resnet18: cifar = 3x3 conv, no max-pool; "
@@ -58,10 +76,19 @@ class ModelConfig(Section):
     transformer: TransformerConfig = Field(TransformerConfig(), description="gpt2 / vit: shape or pretrained weights.")
     lora: Optional[LoRAConfig] = Field(None, description="gpt2 / vit: LoRA adapters on device, server and aux "
                                        "blocks; everything else frozen and never exchanged.")
+    options: Optional[dict[str, Any]] = Field(
+        None, validate_default=True, description="A plug-in model's own settings, validated by the options class "
+        "it registered with (its defaults when absent); built-in models take none.")
+
+    @field_validator("options", mode="wrap")
+    @classmethod
+    def _options(cls, v: Any, handler: Any, info: ValidationInfo) -> Any:
+        return _plugin_options("model", info.data.get("name"), v)
 
 
 class DataConfig(Section):
-    name: Literal["mnist", "cifar10", "hf", "e2e"] = Field("mnist", description="Data source.")
+    # The names are the registry's (Literal of them, set by _follow_registry).
+    name: str = Field("mnist", description="Data source: a built-in one or a plug-in's (docs/extending.md).")
     path: Optional[str] = Field(
         None,
         description="mnist: folder of idx .gz files or parquet files (None = built-in 12k subset); "
@@ -77,6 +104,14 @@ class DataConfig(Section):
     max_length: int = Field(128, gt=8, description="Text: tokens per example (truncated, right-padded).")
     augment: Literal["none", "crop_flip"] = Field("none", description="Client training batches only: crop_flip = "
                                                   "random crop (zero padding 4) + horizontal flip, per sample.")
+    options: Optional[dict[str, Any]] = Field(
+        None, validate_default=True, description="A plug-in data source's own settings, validated by the options "
+        "class it registered with (its defaults when absent); built-in sources take none.")
+
+    @field_validator("options", mode="wrap")
+    @classmethod
+    def _options(cls, v: Any, handler: Any, info: ValidationInfo) -> Any:
+        return _plugin_options("data", info.data.get("name"), v)
 
     @field_validator("path", "tokenizer")
     @classmethod
@@ -263,7 +298,7 @@ class OutputConfig(Section):
 
 
 def _default_algorithm() -> Section:
-    return next(c for c in algorithm_config_classes() if c.model_fields["name"].default == "splitfed_v2")()
+    return registry.get("algorithm", "splitfed_v2", load=False).config_cls()
 
 
 class ExperimentConfig(Section):
@@ -280,6 +315,17 @@ class ExperimentConfig(Section):
     stop: StopConfig = StopConfig()
     output: OutputConfig = OutputConfig()
     seed: int = Field(0, ge=0, description="Root seed of every random stream.")
+
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> "ExperimentConfig":
+        registry.load_plugins()  # the installed plug-ins' names and sections are valid too
+        return super().model_validate(obj, *args, **kwargs)
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The JSON schema, with the installed plug-ins and every one registered so far."""
+        registry.load_plugins()
+        return super().model_json_schema(*args, **kwargs)
 
     def run_name(self) -> str:
         return self.output.name or f"{self.algorithm.name}-{self.data.name}-{self.model.name}-s{self.seed}"
@@ -335,7 +381,8 @@ _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "l
 
 
 def _key(e: dict) -> str:
-    return ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and (p in _ALGO_TAGS or _is_type_tag(p))))
+    tags = set(registry.names("algorithm", load=False))
+    return ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and (p in tags or _is_type_tag(p))))
 
 
 def _first_error(err: ValidationError) -> ConfigError:
@@ -353,7 +400,7 @@ def _first_error(err: ValidationError) -> ConfigError:
     elif e["type"] == "extra_forbidden":
         msg = "unknown key"
     elif e["type"] == "union_tag_invalid":
-        msg = f"unknown algorithm; allowed: {', '.join(sorted(_ALGO_TAGS))}"
+        msg = f"unknown algorithm; allowed: {', '.join(sorted(registry.names('algorithm', load=False)))}"
         value = e.get("input", {}).get("name") if isinstance(e.get("input"), dict) else value
         loc = loc + ".name" if not loc.endswith(".name") else loc
     elif e["type"] == "literal_error":
@@ -361,9 +408,6 @@ def _first_error(err: ValidationError) -> ConfigError:
     if isinstance(value, dict):
         value = "{...}"
     return ConfigError(loc or "<root>", value, msg)
-
-
-_ALGO_TAGS = {c.model_fields["name"].default for c in algorithm_config_classes()}
 
 
 def _is_type_tag(part: str) -> bool:
@@ -389,6 +433,7 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> E
         if not isinstance(raw, dict):
             raise ConfigError("--config", path, "the top level must be a mapping of sections")
     raw = apply_overrides(raw, overrides or [])
+    registry.load_plugins()  # a broken plug-in is one line naming it
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
@@ -398,3 +443,26 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> E
 def dump_config(cfg: ExperimentConfig) -> str:
     """The resolved config as YAML (every default spelled out)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _follow_registry() -> None:
+    """Make the registry-driven types match the registry: the algorithm union, the model and
+    data names, and the union of the plug-ins' option classes (for the JSON schema and dumps;
+    `_plugin_options` picks the class by name). Runs at import and after every registration."""
+    global AlgorithmConfig
+    algos = tuple(algorithm_config_classes(load_plugins=False))
+    AlgorithmConfig = Annotated[Union[algos], Field(discriminator="name")]  # type: ignore[valid-type]
+    field = ExperimentConfig.model_fields["algorithm"]
+    field.annotation, field.discriminator = Union[algos], "name"  # type: ignore[assignment]
+    for section, kind in ((ModelConfig, "model"), (DataConfig, "data")):
+        section.model_fields["name"].annotation = Literal[tuple(registry.names(kind, load=False))]  # type: ignore
+        options = tuple(dict.fromkeys(c for n in registry.names(kind, load=False)
+                                      if (c := registry.options_class(kind, n)) is not None))
+        section.model_fields["options"].annotation = (Optional[Union[options]] if options  # type: ignore
+                                                       else Optional[dict[str, Any]])
+        section.model_rebuild(force=True)
+    ExperimentConfig.model_rebuild(force=True)
+
+
+_follow_registry()
+registry.on_change(_follow_registry)

@@ -248,11 +248,49 @@ def _load_imagefolder(path: str, image_col: str, label_col: str, limits: tuple,
 
 
 def load_source(cfg: Any) -> ArrayDataset:
-    """Load the data set named by a `DataConfig` (raw arrays are cached per process)."""
+    """Load the data set named by a `DataConfig` with the loader registered under its name
+    (`sfl_ray.registry`: the built-ins and plug-ins); a plug-in's result is checked."""
+    from sfl_ray import registry
+
+    entry = registry.get("data", cfg.name)
     require_local("data.path", cfg.path)  # a mistyped local path is not a hub name
-    if cfg.name == "e2e":
-        from sfl_ray.data.text import load_e2e
-        return load_e2e(cfg)
+    data = entry.target(cfg)
+    if not entry.builtin:
+        check_dataset(cfg.name, entry.source, data)
+    return data
+
+
+def check_dataset(name: str, source: str, data: Any) -> None:
+    """What the runtime relies on in a loader's result; ConfigError naming the loader if not."""
+    def bad(problem: str) -> ConfigError:
+        return ConfigError("data.name", name, f"its loader ({source}) returned {problem}")
+
+    if not isinstance(data, ArrayDataset):
+        raise bad(f"{type(data).__name__}, not a sfl_ray.data.ArrayDataset")
+    for split in ("train", "test"):
+        x, y = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
+        if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)):
+            raise bad(f"{split}_x / {split}_y that are not numpy arrays")
+        if len(x) == 0 or len(x) != len(y):
+            raise bad(f"{len(x)} {split} inputs and {len(y)} labels (need as many, at least one)")
+        if y.dtype != np.int64:
+            raise bad(f"{split}_y of dtype {y.dtype} (labels are int64)")
+    if data.task not in ("classification", "lm"):
+        raise bad(f"task {data.task!r} (classification or lm)")
+    if data.train_x.shape[1:] != data.test_x.shape[1:]:
+        raise bad(f"train inputs {data.train_x.shape[1:]} and test inputs {data.test_x.shape[1:]} of other shapes")
+    if not isinstance(data.num_classes, (int, np.integer)) or data.num_classes < 2:
+        raise bad(f"num_classes={data.num_classes!r} (an int, at least 2)")
+    if data.task == "classification":
+        for split in ("train", "test"):
+            y = getattr(data, f"{split}_y")
+            if y.min() < 0 or y.max() >= data.num_classes:
+                raise bad(f"{split} labels outside [0, num_classes={data.num_classes})")
+
+
+def load_images(cfg: Any) -> ArrayDataset:
+    """The built-in image sources (mnist, cifar10, hf): arrays normalised per channel with
+    train statistics (raw arrays are cached per process)."""
     tx, ty, vx, vy = _raw(cfg.name, cfg.path, cfg.image_column, cfg.label_column,
                           (cfg.max_train_samples, cfg.max_test_samples))
     train_x, test_x = _normalise(tx, vx)

@@ -5,25 +5,20 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 
+from sfl_ray import registry
 from sfl_ray.config_base import ConfigError
-from sfl_ray.models import cnn, resnet, simple_conv, vgg
+from sfl_ray.models import resnet
 from sfl_ray.seeding import derive_seed, seeded_torch
 
 if TYPE_CHECKING:
     from sfl_ray.models.lora import LoRAConfig
 
-REGISTRY: dict[str, tuple[Callable[..., nn.Sequential], str]] = {
-    "cnn": (cnn.cnn, cnn.DEFAULT_CUT),
-    "simple_conv": (simple_conv.simple_conv, simple_conv.DEFAULT_CUT),
-    "resnet18": (resnet.resnet18, resnet.DEFAULT_CUT),
-    "vgg11": (vgg.vgg11, vgg.DEFAULT_CUT),
-}
-
+# The zoo (and plug-in models) live in sfl_ray.registry: name -> builder and default cut.
 
 # Models that take `model.stem`, and the stems each accepts.
 STEMS: dict[str, tuple[str, ...]] = {"resnet18": resnet.STEMS}
@@ -37,14 +32,23 @@ def check_stem(name: str, stem: str) -> None:
 
 
 def build_model(name: str, in_shape: tuple[int, ...], num_classes: int, seed: int,
-                stem: str = "cifar") -> nn.Sequential:
-    """The whole (unsplit) model, initialised from the derived seed."""
-    if name not in REGISTRY:
-        raise ConfigError("model.name", name, f"allowed: {', '.join(REGISTRY)}")
+                stem: str = "cifar", options: Any = None, entry: Optional[registry.Entry] = None) -> nn.Sequential:
+    """The whole (unsplit) model, initialised from the derived seed. `options`: a plug-in's
+    model.options (its defaults if None); `entry`: the model's registry entry (looked up by
+    name if None)."""
+    entry = entry or registry.get("model", name)
+    if entry.form != "sequential":
+        raise ConfigError("model.name", name, "a transformer: build it with build_parts")
     check_stem(name, stem)
-    kwargs = {"stem": stem} if name in STEMS else {}
+    kwargs: dict[str, Any] = {"stem": stem} if name in STEMS else {}
+    if entry.config_cls is not None:
+        kwargs["options"] = options if options is not None else entry.config_cls()
     with seeded_torch(seed, "model_init"):
-        return REGISTRY[name][0](tuple(in_shape), num_classes, **kwargs)
+        model = entry.target(tuple(in_shape), num_classes, **kwargs)
+    if not isinstance(model, nn.Sequential) or len(model) < 2:
+        raise ConfigError("model.name", name, f"its builder ({entry.source}) returned {type(model).__name__}, not "
+                          "an nn.Sequential of at least two named layers (the cut falls between two of them)")
+    return model
 
 
 def split_model(model: nn.Sequential, cut: str) -> tuple[nn.Sequential, nn.Sequential]:
@@ -95,21 +99,29 @@ class ModelParts:
 
 
 def build_parts(name: str, cut: Optional[str], in_shape: tuple[int, ...], num_classes: int, seed: int,
-                model_cfg=None) -> ModelParts:
+                model_cfg=None, entry: Optional[registry.Entry] = None) -> ModelParts:
     """Build a model and cut it; `cut=None` uses the model's default cut. `model_cfg` (the
-    ModelConfig) gives the stem and transformer settings; None = defaults."""
+    ModelConfig) gives the stem, transformer settings and a plug-in's options; None = defaults.
+    `entry`: the model's registry entry, as the blueprint carries it to processes that never
+    registered the plug-in; None = look `name` up."""
+    entry = entry or registry.get("model", name)
     stem = getattr(model_cfg, "stem", "cifar")
-    if name in ("gpt2", "vit"):
+    if entry.form == "parts":
         check_stem(name, stem)
-        return _build_transformer(name, cut, tuple(in_shape), num_classes, seed, model_cfg)
-    model = build_model(name, in_shape, num_classes, seed, stem)
-    cut = cut or REGISTRY[name][1]
+        return entry.target(name, cut, tuple(in_shape), num_classes, seed, model_cfg)
+    model = build_model(name, in_shape, num_classes, seed, stem, getattr(model_cfg, "options", None), entry)
+    cut = cut or entry.default_cut
+    if cut is None:
+        names = [n for n, _ in model.named_children()]
+        raise ConfigError("model.cut", None, f"{name} has no default cut: name the device block's last layer, "
+                          f"one of {', '.join(names[:-1])}")
     device, server = split_model(model, cut)
     return ModelParts(device, server, cut, activation_shape(device, in_shape))
 
 
-def _build_transformer(name: str, cut: Optional[str], in_shape: tuple[int, ...], num_classes: int, seed: int,
-                       model_cfg) -> ModelParts:
+def build_transformer(name: str, cut: Optional[str], in_shape: tuple[int, ...], num_classes: int, seed: int,
+                      model_cfg) -> ModelParts:
+    """GPT-2 or ViT from Hugging Face transformers, cut after block K (`cut` = blockK)."""
     from sfl_ray.models.hf_transformers import build_gpt2, build_vit
 
     if model_cfg is None:

@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
+from sfl_ray import registry
 from sfl_ray.data.partition import Partition
 from sfl_ray.data.sources import ArrayDataset
 from sfl_ray.metrics.evaluate import Evaluator
@@ -24,7 +25,8 @@ def make_blueprint(cfg: Any, data: ArrayDataset) -> Blueprint:
                      num_classes=data.num_classes, seed=cfg.seed, train=cfg.train, algorithm=cfg.algorithm,
                      torch_threads=cfg.cluster.torch_threads, rounds=cfg.stop.rounds, model=cfg.model,
                      count_labels=cfg.link.count_labels, augment=cfg.data.augment, measure=cfg.metrics.measure,
-                     compression=cfg.link.compression, int8_scale=cfg.link.int8_scale)
+                     compression=cfg.link.compression, int8_scale=cfg.link.int8_scale,
+                     model_entry=registry.get("model", cfg.model.name))
 
 
 def format_progress(p: dict) -> str:

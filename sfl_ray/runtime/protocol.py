@@ -47,6 +47,9 @@ class Blueprint:
     measure: str = "exact"  # metrics.measure: how server blocks count their FLOPs (clients: per round)
     compression: str = "none"  # link.compression: activations up and gradients down (runtime.codec)
     int8_scale: str = "channel"  # link.int8_scale
+    # The model's registry entry (builder, default cut): carried, so that processes which never
+    # registered a plug-in model (Ray actors) build it without looking its name up.
+    model_entry: Any = None
 
     @property
     def codec(self) -> Codec:
@@ -64,7 +67,8 @@ class Blueprint:
         return getattr(self.train, "precision", "fp32")
 
     def build_parts(self) -> ModelParts:
-        return build_parts(self.model_name, self.cut, self.in_shape, self.num_classes, self.seed, self.model)
+        return build_parts(self.model_name, self.cut, self.in_shape, self.num_classes, self.seed, self.model,
+                           self.model_entry)
 
     def make_optimizer(self, params: Sequence[torch.Tensor] | Iterator[torch.Tensor],
                        lr: Optional[float] = None) -> torch.optim.Optimizer:

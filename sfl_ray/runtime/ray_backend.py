@@ -241,8 +241,21 @@ def plan_topology(cluster, num_clients: int, needs_server: bool) -> tuple[int, i
     return pools, servers
 
 
+def ship_plugins_by_value() -> None:
+    """Plug-ins registered in this process outside entry points (in a script, a test module, a
+    file) may not be importable where the actors run: their modules travel by value, like
+    __main__'s. Installed plug-ins (entry points) are imported there, like sfl_ray itself."""
+    import sys
+
+    from sfl_ray.registry import plugin_modules
+
+    for name in plugin_modules():
+        ray.cloudpickle.register_pickle_by_value(sys.modules[name])
+
+
 def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) -> RayExecutor:
     """Create server block and client pool actors and wait until each is alive."""
+    ship_plugins_by_value()  # before anything holding a plug-in (class, config, model entry) is pickled
     pools_n, servers_n = plan_topology(cluster, len(shards), algorithm_cls.wants_server_blocks(blueprint.algorithm))
     server_actor = ray.remote(ChannelServerBlock)
     # A lost pool or server block is restarted by Ray (same handle, so every endpoint stays valid);
