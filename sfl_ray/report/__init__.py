@@ -51,8 +51,8 @@ def write_report(paths: Union[PathLike, Iterable[PathLike]], out_dir: PathLike, 
              f"{'/'.join(map(str, seeds))} seed(s) per group. Metric: test {name} ({metric}, {better} is better).",
              "Cells: mean ± sample std (n-1) over a group's seeds; no std with one seed or where all seeds agree. "
              "Totals are sums over the rows of metrics.jsonl; final = the last evaluated round.",
-             (f"Target {name}: {num(target_value)} ({target_source}); GiB to target = the cumulative bytes at "
-              "the first evaluated round that reaches it." if target_value is not None
+             (f"Target {name}: {num(target_value)}, {target_source}. GiB to target = the cumulative bytes "
+              "at the first evaluated round that reaches it." if target_value is not None
               else f"No target {name}: {target_source}.")]
     told = sorted({k for g in groups for k in g.settings})
     if told:

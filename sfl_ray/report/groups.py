@@ -133,7 +133,11 @@ class Stat:
     @property
     def mean(self) -> Optional[float]:
         p = self.present
-        return math.fsum(p) / len(p) if p else None  # fsum of a NaN is NaN: a failed run shows
+        if not p:
+            return None
+        if not all(math.isfinite(v) for v in p):  # a failed run shows (NaN; fsum refuses inf + -inf)
+            return sum(p) / len(p)
+        return math.fsum(p) / len(p)
 
     @property
     def std(self) -> Optional[float]:
@@ -173,7 +177,7 @@ def resolve_target(runs: Runs, groups: list[Group], metric: str, given: Optional
     if len(targets) == 1:
         name, value = targets.pop()
         if name == metric and value is not None:
-            return float(value), "the runs' stop.target_metric"
+            return float(value), "from the runs' stop.target_metric"
     finals = [m for g in groups if (m := Stat([r.totals()["final_metric"] for r in g.runs]).mean) is not None
               and math.isfinite(m)]
     if not finals:

@@ -55,7 +55,7 @@ def _curve(g: Group, metric: str, x_key: str, x_scale: float) -> list[tuple[floa
     for rnd in sorted(by_round):
         xs, ys = zip(*by_round[rnd])
         y_std = statistics.stdev(ys) if len(ys) > 1 and all(math.isfinite(y) for y in ys) else None
-        out.append((math.fsum(xs) / len(xs), math.fsum(ys) / len(ys), y_std, len(ys)))
+        out.append((sum(xs) / len(xs), sum(ys) / len(ys), y_std, len(ys)))
     return out
 
 
@@ -87,15 +87,21 @@ def _save(fig: Figure, out: Path, name: str) -> str:
 
 
 def line_plot(groups: list[Group], metric: str, x_key: str, x_scale: float, xlabel: str, title: str,
-              out: Path, name: str, logx: bool = False) -> tuple[Optional[str], list[str]]:
+              out: Path, name: str, logx: Optional[bool] = False,
+              integer_x: bool = False) -> tuple[Optional[str], list[str]]:
     """Metric against x for every group; returns the file name (None if nothing to draw) and
-    the groups that had no x values."""
+    the groups that had no x values. logx None: log scale when x spans 100x or more (e.g.
+    simulated times of algorithms that differ by orders of magnitude); "{log}" in xlabel says which."""
     styles = group_styles([g.algorithm for g in groups])
     fig = _figure(wide=len(groups) > 6)
     ax = fig.add_subplot()
+    curves = [_curve(g, metric, x_key, x_scale) for g in groups]
+    if logx is None:
+        xs = [p[0] for c in curves for p in c if p[0] > 0]
+        logx = bool(xs) and max(xs) / min(xs) >= 100
+        xlabel = xlabel.replace("{log}", ", log scale" if logx else "")
     missing, drawn = [], 0
-    for g, st in zip(groups, styles):
-        pts = _curve(g, metric, x_key, x_scale)
+    for g, st, pts in zip(groups, styles, curves):
         if logx:
             pts = [p for p in pts if p[0] > 0]
         if not pts:
@@ -114,6 +120,9 @@ def line_plot(groups: list[Group], metric: str, x_key: str, x_scale: float, xlab
     if logx:
         ax.set_xscale("log")
         _plain_log_ticks(ax.xaxis)
+    if integer_x:
+        from matplotlib.ticker import MaxNLocator
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric_label(metric))
     ax.set_title(title)
@@ -208,11 +217,12 @@ def make_plots(groups: list[Group], metric: str, varying: list[str], out: Path) 
     if f:
         plots.append(Plot(f, f"{n} vs data moved", f"Test {n} at each evaluated round against the bytes moved "
                           f"between devices and servers so far (log x); {band}."))
-    f, _ = line_plot(groups, metric, "round", 1.0, "round", f"{n} vs round", out, "metric_vs_round.png")
+    f, _ = line_plot(groups, metric, "round", 1.0, "round", f"{n} vs round", out, "metric_vs_round.png",
+                     integer_x=True)
     if f:
         plots.append(Plot(f, f"{n} vs round", f"Test {n} at each evaluated round; {band}."))
-    f, missing = line_plot(groups, metric, "sim_cum_s", 1.0, "simulated time, cumulative (s)",
-                           f"{n} vs simulated time", out, "metric_vs_sim_time.png")
+    f, missing = line_plot(groups, metric, "sim_cum_s", 1.0, "simulated time, cumulative (s{log})",
+                           f"{n} vs simulated time", out, "metric_vs_sim_time.png", logx=None)
     if f:
         plots.append(Plot(f, f"{n} vs simulated time", f"Test {n} against the simulated wall-clock time of the "
                           f"rounds (cost_model: device and link speeds); {band}."))
