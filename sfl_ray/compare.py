@@ -1,12 +1,14 @@
 """Run every algorithm on one job (same model, cut, data, clients, split, seed) and write one table.
 
     python -m sfl_ray.compare --config jobs/compare_mnist.yaml [--algorithms fedavg,sl,...] [--set KEY=VALUE ...]
-        [--algo-set NAME:KEY=VALUE ...]
+        [--algo-set NAME:KEY=VALUE ...] [--seeds N]
 
 Each algorithm runs with its own defaults (`--set algorithm.name=X` alone) into
-`<output.dir>/<output.name>/<algorithm>/`; the table goes to `<output.dir>/<output.name>/compare.md`
-and `compare.json`: final accuracy, GiB moved, device FLOPs, device peak memory, simulated and
-wall time.
+`<output.dir>/<output.name>/<algorithm>/` (with `--seeds N`, N > 1: once per seed, seed ..
+seed+N-1, into `<algorithm>/s<seed>/`). After every run the root `<output.dir>/<output.name>/`
+gets the report (report.md, report.html, report.json, plots/: see sfl_ray.report) and the
+plain table compare.md / compare.json: final accuracy, GiB moved, device FLOPs, device peak
+memory, simulated and wall time.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def table(results: list[dict]) -> str:
     for r in results:
         t, f = r["totals"], r["final"] or {}
         first = r.get("first_eval", {}).get(metric)
-        lines.append(f"| {r['algorithm']} | {r['rounds']} | {fmt(first)} | {fmt(f.get(metric))} | {t['gib']:.4f} | "
+        name = r["algorithm"] + (f" s{r['seed']}" if r.get("seeds", 1) > 1 else "")
+        lines.append(f"| {name} | {r['rounds']} | {fmt(first)} | {fmt(f.get(metric))} | {t['gib']:.4f} | "
                      f"{fmt(t['device_flops'], 1e12, 3)} | {fmt(t['device_peak_mem_bytes'], 2**20, 2)} | "
                      f"{fmt(t['server_flops'], 1e12, 3)} | {fmt(t['sim_s'], 1, 1)} | {t['wall_s']:.1f} |")
     return head + "\n".join(lines) + "\n"
@@ -55,6 +58,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--algo-set", dest="algo_overrides", action="append", default=[], metavar="NAME:KEY=VALUE",
                     help="an override for one algorithm only, e.g. fsl_sage:algorithm.align_every=2")
+    ap.add_argument("--seeds", type=int, default=1, metavar="N",
+                    help="run each algorithm with N seeds (seed .. seed+N-1); the report shows mean ± std")
     args = ap.parse_args(argv)
     try:
         base = load_config(args.config, args.overrides)
@@ -62,16 +67,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         unknown = [a for a in names if a not in algorithm_names()]
         if unknown:
             raise ConfigError("--algorithms", ",".join(unknown), f"allowed: {', '.join(algorithm_names())}")
+        if args.seeds < 1:
+            raise ConfigError("--seeds", args.seeds, "at least 1")
     except ConfigError as err:
         print(str(err), file=sys.stderr)
         return 2
     root = f"{base.output.dir.rstrip('/')}/{base.run_name()}"
     results = []
-    for name in names:
+    runs = [(name, seed) for name in names for seed in range(base.seed, base.seed + args.seeds)]
+    for name, seed in runs:
         own = [o.split(":", 1)[1] for o in args.algo_overrides if o.split(":", 1)[0] == name]
-        cfg = load_config(args.config, args.overrides + [f"algorithm.name={name}", f"output.dir={root}",
-                                                         f"output.name={name}"] + own)
-        print(f"== {name}", flush=True)
+        where = ([f"output.dir={root}", f"output.name={name}"] if args.seeds == 1
+                 else [f"output.dir={root}/{name}", f"output.name=s{seed}", f"seed={seed}"])
+        cfg = load_config(args.config, args.overrides + [f"algorithm.name={name}"] + where + own)
+        print(f"== {name}" + (f" seed {seed}" if args.seeds > 1 else ""), flush=True)
         algorithm_cls, data, shards, _ = prepare(cfg)
         RunWriter(cfg.run_dir()).write_text("config.yaml", dump_config(cfg))
         if cfg.cluster.backend == "ray":
@@ -80,12 +89,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with open(f"{cfg.run_dir()}/metrics.jsonl") as f:
             evaluated = [row for row in map(json.loads, f) if row.get("eval_loss") is not None]
         summary["first_eval"] = evaluated[0] if evaluated else {}
+        summary.update(seed=seed, seeds=args.seeds)
         results.append(summary)
         Path(root).mkdir(parents=True, exist_ok=True)
         (Path(root) / "compare.md").write_text(table(results))  # rewritten after each: nothing lost
         (Path(root) / "compare.json").write_text(json.dumps(results, indent=2, default=str))
+        _report(root)
     print(table(results))
+    print(f"report: {root}/report.md (and report.html, plots/)")
     return 0
+
+
+def _report(root: str) -> None:
+    """The report of the runs so far; a report that cannot be made must not stop the comparison."""
+    from sfl_ray.report import write_report
+
+    try:
+        write_report([root], root)
+    except (ValueError, OSError) as err:
+        print(f"sfl_ray.compare: no report: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":

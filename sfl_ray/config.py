@@ -287,6 +287,30 @@ class OutputConfig(Section):
     checkpoint_every: int = Field(1, ge=0, description="Write a checkpoint (the whole experiment state) to "
                                   "<run dir>/checkpoints/ every N rounds and after the last; 0 = never.")
     keep_checkpoints: int = Field(2, gt=0, description="How many of the newest checkpoints to keep.")
+    tensorboard: bool = Field(False, description="Also write each round's numeric metrics as TensorBoard scalars "
+                              "(step = round) to <run dir>/tensorboard/; view with `tensorboard --logdir "
+                              "<output.dir>`. Needs a local output.dir.")
+    mlflow_uri: Optional[str] = Field(None, min_length=1, description="Also log the run to this MLflow tracking "
+                                      "URI (e.g. http://host:5000, file:/path/mlruns): the flattened config as "
+                                      "params, each round's numeric metrics (step = round), the summary's totals; "
+                                      "experiment $MLFLOW_EXPERIMENT_NAME or 'sfl_ray', run name = the run "
+                                      "directory's name. Needs pip install \"sfl_ray[mlflow]\". None = off.")
+
+    @field_validator("tensorboard")
+    @classmethod
+    def _local_tensorboard(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and "://" in (info.data.get("dir") or ""):
+            raise ValueError("TensorBoard event files need a local output.dir, not a storage URI")
+        return v
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _mlflow_installed(cls, v: Optional[str]) -> Optional[str]:
+        import importlib.util
+        if v is not None and importlib.util.find_spec("mlflow") is None:
+            from sfl_ray.metrics.tracking import MLFLOW_MISSING
+            raise ValueError(MLFLOW_MISSING)
+        return v
 
     @field_validator("name")
     @classmethod

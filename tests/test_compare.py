@@ -19,3 +19,8 @@ def test_compare_writes_one_row_per_algorithm(tmp_path, capsys):
     assert (tmp_path / "quickstart" / "cse_fsl" / "metrics.jsonl").exists()
     assert "upload_every: 2" in (tmp_path / "quickstart" / "cse_fsl" / "config.yaml").read_text()
     assert main(["--config", "jobs/quickstart.yaml", "--algorithms", "nope"]) == 2
+
+
+def test_compare_seeds_must_be_positive(capsys):
+    assert main(["--config", "jobs/quickstart.yaml", "--seeds", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "config error: --seeds=0: at least 1"

@@ -41,10 +41,12 @@ def dumps(obj: Any, **kw: Any) -> str:
 
 
 class RunWriter:
-    """Writes the files of one run directory."""
+    """Writes the files of one run directory; `tracking` (metrics/tracking.py) mirrors the rows
+    and the summary to TensorBoard / MLflow."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, tracking: Any = None):
         self.run_dir = run_dir.rstrip("/")
+        self.tracking = tracking
         self.local = "://" not in run_dir
         if self.local:
             self.fs, self.root = pafs.LocalFileSystem(), str(Path(run_dir).resolve())
@@ -85,17 +87,32 @@ class RunWriter:
         self.rows.append(dict(row))
         if not self.local:
             self.write_text("metrics.jsonl", "".join(dumps(r) + "\n" for r in self.rows))
-            return
-        fd = os.open(f"{self.root}/metrics.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "a") as f:
-            f.write(dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        else:
+            fd = os.open(f"{self.root}/metrics.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "a") as f:
+                f.write(dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        if self.tracking is not None:  # after the file: the record first, the mirrors second
+            self.tracking.log_row(row)
 
     def reset_rows(self, rows: list[dict]) -> None:
         """Resume: metrics.jsonl holds exactly `rows` (those of the checkpoint), later ones dropped."""
         self.rows = [dict(r) for r in rows]
         self.write_text("metrics.jsonl", "".join(dumps(r) + "\n" for r in self.rows))
+        if self.tracking is not None:
+            self.tracking.resume(self.rows)
+
+    def write_summary(self, summary: dict) -> None:
+        """summary.json, the end of a run (the mirrors get its totals and close)."""
+        self.write_json("summary.json", summary)
+        if self.tracking is not None:
+            self.tracking.log_summary(summary)
+
+    def end_tracking(self, status: str) -> None:
+        """A run that stops without a summary: the mirrors say so (MLflow FAILED / KILLED)."""
+        if self.tracking is not None:
+            self.tracking.end(status)
 
     def read_rows(self) -> list[dict]:
         """The rows on disk, as written ("NaN" etc. stay strings)."""

@@ -174,11 +174,12 @@ class Coordinator:
                 rnd += 1
                 self.run_one_round(rnd, final=i)
             summary = self._summary(rnd, reason or "rounds")
-            self.writer.write_json("summary.json", summary)
+            self.writer.write_summary(summary)
             self.state = State.FINISHED
             self._set(state=self.state.value)
             return summary
-        except BaseException:
+        except BaseException as err:
+            self.writer.end_tracking("FAILED" if isinstance(err, Exception) else "KILLED")
             self.state = State.ERRORED
             self._set(state=self.state.value)
             raise

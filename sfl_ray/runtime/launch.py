@@ -12,6 +12,7 @@ from sfl_ray.data.partition import Partition
 from sfl_ray.data.sources import ArrayDataset
 from sfl_ray.metrics.evaluate import Evaluator
 from sfl_ray.metrics.sampling import MeasurePlan
+from sfl_ray.metrics.tracking import Tracking
 from sfl_ray.metrics.writer import RunWriter
 from sfl_ray.runtime.coordinator import Coordinator
 from sfl_ray.runtime.protocol import Algorithm, Blueprint
@@ -71,7 +72,7 @@ def run_experiment(algorithm_cls: type[Algorithm], cfg: Any, data: ArrayDataset,
     shards = Partition.from_lists(shards)
     blueprint = make_blueprint(cfg, data)
     show = progress or _Printer(cfg.output.progress)
-    writer = RunWriter(cfg.run_dir())
+    writer = RunWriter(cfg.run_dir(), tracking=Tracking.from_config(cfg))
     common = dict(num_clients=cfg.train.num_clients, clients_per_round=cfg.train.sampled_count(),
                   stop=cfg.stop, cost_model=cfg.cost_model, seed=cfg.seed, torch_threads=cfg.cluster.torch_threads,
                   checkpoint_every=cfg.output.checkpoint_every, keep_checkpoints=cfg.output.keep_checkpoints,
