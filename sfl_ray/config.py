@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
@@ -17,6 +16,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from sfl_ray.algorithms import algorithm_config_classes
 from sfl_ray.config_base import MAX_RATE, ConfigError, Section
+from sfl_ray.job_files import resolve_config_path
 from sfl_ray.metrics.keys import ROW_METRICS
 from sfl_ray.models.lora import LoRAConfig
 
@@ -373,12 +373,11 @@ def _is_type_tag(part: str) -> bool:
 
 
 def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> ExperimentConfig:
-    """Read a YAML job, apply overrides, validate. Raises ConfigError with one clear reason."""
+    """Read a YAML job (a path, or a shipped job's name such as `quickstart`), apply overrides,
+    validate. Raises ConfigError with one clear reason."""
     raw: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("--config", path, "no such file")
+        p = resolve_config_path(path)  # a file, or the name of a job shipped in the package
         try:
             raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader) or {}
         except UnicodeDecodeError as exc:
