@@ -1,7 +1,8 @@
 """Run every algorithm on one job (same model, cut, data, clients, split, seed) and write one table.
 
-    python -m sfl_ray.compare --config jobs/compare_mnist.yaml [--algorithms fedavg,sl,...] [--set KEY=VALUE ...]
+    sfl-ray compare --config compare_mnist [--algorithms fedavg,sl,...] [--set KEY=VALUE ...]
         [--algo-set NAME:KEY=VALUE ...]
+    (or python -m sfl_ray.compare ...)
 
 Each algorithm runs with its own defaults (`--set algorithm.name=X` alone) into
 `<output.dir>/<output.name>/<algorithm>/`; the table goes to `<output.dir>/<output.name>/compare.md`
@@ -42,17 +43,20 @@ def table(results: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m sfl_ray.compare") -> int:
     from sfl_ray.config import dump_config, load_config
     from sfl_ray.metrics.writer import RunWriter
     from sfl_ray.config_base import ConfigError
     from sfl_ray.run import _init_ray, prepare
     from sfl_ray.runtime.launch import run_experiment
 
-    ap = argparse.ArgumentParser(prog="python -m sfl_ray.compare")
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--algorithms", default=",".join(algorithm_names()))
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap = argparse.ArgumentParser(prog=prog, description="Run every algorithm on one job and write one table "
+                                 "(<output.dir>/<output.name>/compare.md and compare.json).")
+    ap.add_argument("--config", required=True, metavar="FILE_OR_NAME",
+                    help="YAML job file, or the name of a shipped job (e.g. compare_mnist)")
+    ap.add_argument("--algorithms", default=",".join(algorithm_names()), help="comma-separated (default: all)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key for every algorithm (repeatable)")
     ap.add_argument("--algo-set", dest="algo_overrides", action="append", default=[], metavar="NAME:KEY=VALUE",
                     help="an override for one algorithm only, e.g. fsl_sage:algorithm.align_every=2")
     args = ap.parse_args(argv)

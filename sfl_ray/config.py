@@ -387,6 +387,14 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> E
             raise ConfigError("--config", path, f"not valid YAML ({exc.__class__.__name__})") from None
         if not isinstance(raw, dict):
             raise ConfigError("--config", path, "the top level must be a mapping of sections")
+    return validate_config(raw, overrides)
+
+
+def validate_config(raw: dict, overrides: Optional[list[str]] = None) -> ExperimentConfig:
+    """A config from a dict of sections (as a YAML job reads), with `--set` style overrides.
+    Raises ConfigError with one clear reason."""
+    if not isinstance(raw, dict):
+        raise ConfigError("<root>", type(raw).__name__, "the top level must be a mapping of sections")
     raw = apply_overrides(raw, overrides or [])
     try:
         return ExperimentConfig.model_validate(raw)
