@@ -171,3 +171,17 @@ def test_python_m_sfl_ray_run_keeps_working_without_a_runpy_warning():
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "run one with: python -m sfl_ray.run --config NAME" in out.stdout and "quickstart" in out.stdout
+
+
+def test_ray_working_dir_upload_carries_the_jobs_symlink_as_files(tmp_path):
+    """`ray job submit --working-dir .` zips the repository; the `jobs` symlink must arrive as the
+    job files themselves (the job then reads jobs/quickstart.yaml from its copy)."""
+    import zipfile
+
+    packaging = pytest.importorskip("ray._private.runtime_env.packaging")
+    out = tmp_path / "wd.zip"
+    packaging._zip_files(str(ROOT), [".git", "runs", "tests", "bench", "cluster", "sfl_ray"], str(out),
+                         include_parent_dir=False, include_gitignore=True)
+    with zipfile.ZipFile(out) as z:
+        shipped = {n: z.read(n) for n in z.namelist() if n.startswith("jobs/")}
+    assert shipped == {f"jobs/{p.name}": p.read_bytes() for p in JOBS_DIR.glob("*.yaml")}
