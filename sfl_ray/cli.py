@@ -42,7 +42,14 @@ def usage() -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The `sfl-ray` console script; returns the exit code (2 for bad input, in one line)."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # e.g. `sfl-ray run --print-schema | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush is quiet
+        return 0
+
+
+def _dispatch(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(usage(), file=sys.stdout if args else sys.stderr)
         return 0 if args else EXIT_BAD_INPUT
@@ -68,7 +75,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _call(sub_main, argv: list[str], prog: str) -> int:
     """Run a subcommand's main with `prog` if it takes one; a config error it lets through is
-    one line and exit 2, as everywhere else; SystemExit from argparse passes through."""
+    one line and exit 2, as everywhere else (e.g. a data error inside compare's loop); SystemExit
+    from argparse passes through."""
     from sfl_ray.config_base import ConfigError
 
     takes_prog = "prog" in inspect.signature(sub_main).parameters
@@ -77,9 +85,6 @@ def _call(sub_main, argv: list[str], prog: str) -> int:
     except ConfigError as err:
         print(str(err), file=sys.stderr)
         return EXIT_BAD_INPUT
-    except BrokenPipeError:  # e.g. `sfl-ray run --print-schema | head`: the reader has all it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush is quiet
-        return 0
     return int(code or 0)
 
 
