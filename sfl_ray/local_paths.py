@@ -57,17 +57,22 @@ def reason(exc: BaseException, limit: int = 240) -> str:
 HUB_PROBE_TIMEOUT_S = 3.0
 
 
-@functools.lru_cache(maxsize=1)
 def hub_reachable() -> bool:
-    """Whether the Hugging Face Hub answers a TCP connect (once per process). False in offline
-    mode (HF_HUB_OFFLINE); True behind a proxy, which only the libraries can go through."""
+    """Whether the Hugging Face Hub can be reached: False in offline mode (HF_HUB_OFFLINE); True
+    behind a proxy (only the libraries can go through it); else whether it answers a TCP connect
+    (probed once per process and endpoint)."""
     import huggingface_hub.constants as hub
 
     if hub.HF_HUB_OFFLINE:
         return False
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return True
-    url = urlparse(hub.ENDPOINT)
+    return _answers(hub.ENDPOINT)
+
+
+@functools.lru_cache(maxsize=4)
+def _answers(endpoint: str) -> bool:
+    url = urlparse(endpoint)
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
                                  timeout=HUB_PROBE_TIMEOUT_S).close()
