@@ -1,7 +1,8 @@
 """Run every algorithm on one job (same model, cut, data, clients, split, seed) and write one table.
 
-    python -m sfl_ray.compare --config jobs/compare_mnist.yaml [--algorithms fedavg,sl,...] [--set KEY=VALUE ...]
+    sfl-ray compare --config compare_mnist [--algorithms fedavg,sl,...] [--set KEY=VALUE ...]
         [--algo-set NAME:KEY=VALUE ...] [--seeds N]
+    (or python -m sfl_ray.compare ...)
 
 Each algorithm runs with its own defaults (`--set algorithm.name=X` alone) into
 `<output.dir>/<output.name>/<algorithm>/` (with `--seeds N`, N > 1: once per seed, seed ..
@@ -45,17 +46,18 @@ def table(results: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from sfl_ray.config import dump_config, load_config
-    from sfl_ray.metrics.writer import RunWriter
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m sfl_ray.compare") -> int:
+    from sfl_ray.config import load_config
     from sfl_ray.config_base import ConfigError
-    from sfl_ray.run import _init_ray, prepare
-    from sfl_ray.runtime.launch import run_experiment
+    from sfl_ray.run import _init_ray
 
-    ap = argparse.ArgumentParser(prog="python -m sfl_ray.compare")
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--algorithms", default=",".join(algorithm_names()))
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap = argparse.ArgumentParser(prog=prog, description="Run every algorithm on one job and write one table "
+                                 "(<output.dir>/<output.name>/compare.md and compare.json).")
+    ap.add_argument("--config", required=True, metavar="FILE_OR_NAME",
+                    help="YAML job file, or the name of a shipped job (e.g. compare_mnist)")
+    ap.add_argument("--algorithms", default=",".join(algorithm_names()), help="comma-separated (default: all)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key for every algorithm (repeatable)")
     ap.add_argument("--algo-set", dest="algo_overrides", action="append", default=[], metavar="NAME:KEY=VALUE",
                     help="an override for one algorithm only, e.g. fsl_sage:algorithm.align_every=2")
     ap.add_argument("--seeds", type=int, default=1, metavar="N",
@@ -73,19 +75,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(str(err), file=sys.stderr)
         return 2
     root = f"{base.output.dir.rstrip('/')}/{base.run_name()}"
-    results = []
     runs = [(name, seed) for name in names for seed in range(base.seed, base.seed + args.seeds)]
+    # One Ray instance for every run (each run_config would otherwise start and stop its own).
+    started_ray = base.cluster.backend == "ray" and _init_ray(base)
+    try:
+        return _run_all(args, base, names, runs, root, prog)
+    finally:
+        if started_ray:
+            import ray
+            ray.shutdown()
+
+
+def _run_all(args, base, names, runs, root: str, prog: str) -> int:
+    from sfl_ray.config import load_config
+    from sfl_ray.config_base import ConfigError
+    from sfl_ray.run import run_config
+
+    results = []
     for name, seed in runs:
         own = [o.split(":", 1)[1] for o in args.algo_overrides if o.split(":", 1)[0] == name]
         where = ([f"output.dir={root}", f"output.name={name}"] if args.seeds == 1
                  else [f"output.dir={root}/{name}", f"output.name=s{seed}", f"seed={seed}"])
-        cfg = load_config(args.config, args.overrides + [f"algorithm.name={name}"] + where + own)
         print(f"== {name}" + (f" seed {seed}" if args.seeds > 1 else ""), flush=True)
-        algorithm_cls, data, shards, _ = prepare(cfg)
-        RunWriter(cfg.run_dir()).write_text("config.yaml", dump_config(cfg))
-        if cfg.cluster.backend == "ray":
-            _init_ray(cfg)
-        summary = run_experiment(algorithm_cls, cfg, data, shards)
+        try:  # the one code path of a run: checks first, run directory claimed, partition.json
+            cfg = load_config(args.config, args.overrides + [f"algorithm.name={name}"] + where + own)
+            summary = run_config(cfg, prog=prog)
+        except ConfigError as err:
+            print(str(err), file=sys.stderr)
+            return 2
         with open(f"{cfg.run_dir()}/metrics.jsonl") as f:
             evaluated = [row for row in map(json.loads, f) if row.get("eval_loss") is not None]
         summary["first_eval"] = evaluated[0] if evaluated else {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
@@ -20,6 +19,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from sfl_ray import registry
 from sfl_ray.algorithms import algorithm_config_classes
 from sfl_ray.config_base import MAX_RATE, ConfigError, Section
+from sfl_ray.job_files import resolve_config_path
 from sfl_ray.metrics.keys import ROW_METRICS
 from sfl_ray.models.lora import LoRAConfig
 
@@ -67,12 +67,21 @@ def _plugin_options(kind: str, name: Optional[str], value: Any) -> Any:
 
 
 class ModelConfig(Section):
+    """The network and its cut. Built-in models (`model.name`) and their default cut (`model.cut`,
+    the last layer of the device block): cnn, a small CNN, cut pool2; simple_conv, the FSL-SAGE
+    code's default (conv5x5-pool-LRN x2 on the device, 3 FC layers with N(0, 0.05²) init on the
+    server), cut flatten (4096 activations on 32x32); resnet18, cut layer2 (see model.stem);
+    vgg11, cut pool2; gpt2 (GPT2LMHeadModel) and vit (ViTForImageClassification) from
+    `transformers`, cut blockK, by default block3 (at most n_layer - 1)."""
+
     # The names are the registry's (Literal of them, set by _follow_registry).
     name: str = Field("cnn", description="Architecture: one of the model zoo's, or a plug-in's (docs/extending.md).")
     cut: Optional[str] = Field(None, description="CNNs: last layer of the device block; transformers: blockK "
                                "(the device keeps the first K blocks); None = the model's default cut.")
     stem: Literal["cifar", "imagenet"] = Field("cifar", description="resnet18: cifar = 3x3 conv, no max-pool; "
-                                               "imagenet = torchvision's 7x7/2 conv + BN + ReLU + 3x3/2 max-pool.")
+                                               "imagenet = torchvision's 7x7/2 conv + BN + ReLU + 3x3/2 max-pool, "
+                                               "as the SFL papers use on CIFAR (128x4x4 activations at layer2, a "
+                                               "device block of 683,072 parameters, a server block of 10,498,570).")
     transformer: TransformerConfig = Field(TransformerConfig(), description="gpt2 / vit: shape or pretrained weights.")
     lora: Optional[LoRAConfig] = Field(None, description="gpt2 / vit: LoRA adapters on device, server and aux "
                                        "blocks; everything else frozen and never exchanged.")
@@ -87,23 +96,33 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
+    """The data set (`data.name`): mnist (the 12k/2k subset built into the package, a folder of
+    idx or parquet files, or a hub name such as ylecun/mnist), cifar10 (a tarball, an image folder
+    or a hub name such as uoft-cs/cifar10), hf (any image-classification data set, by hub name or
+    local folder), e2e (E2E NLG as causal language modelling; a 3,000-row slice is built in). A
+    hub name is read with `datasets` and needs network access the first time (cached after)."""
+
     # The names are the registry's (Literal of them, set by _follow_registry).
     name: str = Field("mnist", description="Data source: a built-in one or a plug-in's (docs/extending.md).")
     path: Optional[str] = Field(
         None,
-        description="mnist: folder of idx .gz files or parquet files (None = built-in 12k subset); "
-        "cifar10: tarball or image folder; hf: hub name or local folder/files; "
-        "e2e: folder of E2E csv files or hub name (None = the built-in slice).",
+        description="mnist: folder of idx .gz files or parquet files, or a hub name (None = the built-in 12k "
+        "subset); cifar10: a tarball of split/class/image files (packed once into parquet under "
+        "~/.cache/sfl_ray), an image folder laid out the same way, or a hub name; hf: hub name or local "
+        "folder/files; e2e: folder of E2E csv files or hub name (None = the built-in slice).",
     )
     image_column: str = Field("image", description="hf source: column holding the image.")
     label_column: str = Field("label", description="hf source: column holding the class label.")
-    max_train_samples: Optional[int] = Field(None, gt=0, description="Use a fixed random subset of N training samples (E2E: the first N rows).")
-    max_test_samples: Optional[int] = Field(None, gt=0, description="Use a fixed random subset of N test samples (E2E: the first N rows).")
+    max_train_samples: Optional[int] = Field(None, gt=0, description="Use a fixed random subset of N training "
+                                             "samples, the same for every seed (E2E: the first N rows).")
+    max_test_samples: Optional[int] = Field(None, gt=0, description="Use a fixed random subset of N test samples, "
+                                            "the same for every seed (E2E: the first N rows).")
     tokenizer: Optional[str] = Field(None, description="Text: a GPT-2 tokenizer folder (vocab.json + merges.txt or "
                                      "tokenizer.json) or hub name; None = the copy built into the package.")
     max_length: int = Field(128, gt=8, description="Text: tokens per example (truncated, right-padded).")
     augment: Literal["none", "crop_flip"] = Field("none", description="Client training batches only: crop_flip = "
-                                                  "random crop (zero padding 4) + horizontal flip, per sample.")
+                                                  "random crop (zero padding 4) + horizontal flip, per sample "
+                                                  "(images; drawn from seed, round, client, epoch and batch).")
     options: Optional[dict[str, Any]] = Field(
         None, validate_default=True, description="A plug-in data source's own settings, validated by the options "
         "class it registered with (its defaults when absent); built-in sources take none.")
@@ -120,7 +139,11 @@ class DataConfig(Section):
 
 
 class PartitionConfig(Section):
-    name: Literal["iid", "dirichlet", "shards"] = Field("iid", description="How samples are split across clients.")
+    """How the training samples are split across clients."""
+
+    name: Literal["iid", "dirichlet", "shards"] = Field("iid", description="iid; dirichlet: equal-size clients, "
+                                                        "label mix ~ Dir(alpha); shards: label-sorted shards, "
+                                                        "shards_per_client each.")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller = more skewed.")
     shards_per_client: int = Field(2, gt=0, description="shards: label-sorted shards per client.")
     field: Optional[str] = Field(None, description="Skew by this metadata field instead of the label (text data: "
@@ -128,6 +151,8 @@ class PartitionConfig(Section):
 
 
 class TrainConfig(Section):
+    """Local training: clients, sampling, optimizer, evaluation, precision."""
+
     num_clients: int = Field(10, gt=0, description="Number of (virtual) clients.")
     clients_per_round: Union[int, float] = Field(
         1.0, gt=0, description="Clients sampled per round: an int, or a fraction in (0, 1]."
@@ -147,7 +172,8 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="Forward passes (clients, server blocks, evaluation, Ray Train fits) under "
         "autocast: fp32 = none; bf16 = matmuls, convolutions and attention in bfloat16, while weights, "
-        "gradients, optimizer state and link payloads stay float32. fp16 is refused: it needs loss scaling.")
+        "gradients, optimizer state and link payloads stay float32, so bytes and FLOPs are those of fp32 (peak "
+        "memory is measured as it is). fp16 is refused: it needs loss scaling. See the README's GPU section.")
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -176,20 +202,24 @@ class TrainConfig(Section):
 
 
 class ClusterConfig(Section):
-    backend: Literal["ray", "local"] = Field("ray", description="ray: actors; local: one process, serial.")
+    """Where it runs: the backend, and on Ray the actors and their resources."""
+
+    backend: Literal["ray", "local"] = Field("ray", description="ray: actors; local: one process, serial (for pdb).")
     address: Optional[str] = Field(None, description="Ray address; None = the job's cluster, or a new local one.")
-    num_pools: Optional[int] = Field(None, gt=0, description="Client pool actors; None = fit the cluster's CPUs.")
+    num_pools: Optional[int] = Field(None, gt=0, description="Client pool actors, each hosting many virtual "
+                                     "clients; None = fit the cluster's CPUs.")
     pool_cpus: float = Field(1.0, gt=0, description="CPUs reserved per client pool actor (> 0: with 0 the "
                              "cluster fit would start one pool per client).")
     client_gpus: float = Field(0.0, ge=0, le=1, description="GPU fraction per client pool actor (e.g. 0.25).")
     num_servers: int = Field(1, gt=0, description="Server block actors.")
     server_cpus: float = Field(1.0, ge=0, description="CPUs reserved per server block actor.")
     server_gpus: float = Field(0.0, ge=0, description="GPUs per server block actor (whole GPUs).")
-    torch_threads: int = Field(1, gt=0, description="torch intra-op threads in every process (same on both backends).")
+    torch_threads: int = Field(1, gt=0, description="torch intra-op threads in every process (the same on both "
+                               "backends, for identical numbers).")
     exchange: Literal["channels", "actor_calls"] = Field(
         "channels", description="The per-batch device<->server path: channels = Ray shared-memory channels (the "
         "transport of Compiled Graphs) between a pool and a server block on the same node, actor calls across "
-        "nodes; actor_calls = a Ray actor call per request everywhere.")
+        "nodes; actor_calls = a Ray actor call per request everywhere. The numbers are the same either way.")
     task_timeout_s: Optional[float] = Field(
         None, gt=0, le=1e7, description="Deadline for any single wait on a remote call (s). None = proportionate "
         "to the work: 600 s until a client call has completed, then 10x the longest client call seen (at least "
@@ -205,6 +235,9 @@ class ClusterConfig(Section):
 
 
 class CostModelConfig(Section):
+    """The device and network profile that gives the simulated time `sim_s`: FLOPs over FLOP/s,
+    bytes over bandwidth, plus latency per message."""
+
     device_flops_per_s: float = Field(1e10, gt=0, description="Sustained device FLOP/s (10 GFLOP/s: a phone-class CPU).")
     server_flops_per_s: float = Field(1e13, gt=0, description="Sustained server FLOP/s.")
     uplink_bytes_per_s: float = Field(1.25e6, gt=0, description="Device uplink (10 Mbit/s).")
@@ -228,7 +261,8 @@ class CostModelConfig(Section):
 
 
 class TargetMetric(Section):
-    name: str = Field("eval_accuracy", description="Metric key in metrics.jsonl (one of ROW_METRICS).")
+    name: str = Field("eval_accuracy", description="A numeric key of the rows in metrics.jsonl: "
+                      f"{', '.join(ROW_METRICS)}.")
     value: float = Field(..., description="Stop once the metric reaches this value.")
     mode: Literal["max", "min"] = Field("max", description="max: stop when metric >= value; min: when <= value.")
 
@@ -242,12 +276,16 @@ class TargetMetric(Section):
 
 
 class StopConfig(Section):
+    """When a run stops: the first of these that is reached."""
+
     rounds: int = Field(10, gt=0, description="Number of rounds.")
     comm_budget_gib: Optional[float] = Field(None, gt=0, description="Stop once cumulative bytes exceed this (GiB).")
     target_metric: Optional[TargetMetric] = Field(None, description="Stop once this metric is reached.")
 
 
 class LinkConfig(Section):
+    """What the device<->server link counts, and how it encodes activations and gradients."""
+
     count_labels: bool = Field(True, description="Count labels (int64, 8 bytes each) as link bytes; false = the "
                                "FSL-SAGE reference code's accounting (labels move but are not counted).")
     compression: Literal["none", "fp16", "bf16", "int8"] = Field(
@@ -261,11 +299,14 @@ class LinkConfig(Section):
 
 
 class MetricsConfig(Section):
+    """How much of the device cost is measured, and on which clients."""
+
     measure: Literal["exact", "sampled", "off"] = Field(
         "sampled", description="How device cost is measured. exact: every op of every client is observed "
-        "(FLOPs and peak memory; +40% time on a CPU). sampled: FLOPs exact, each step shape measured once and "
-        "reused; peak memory tracked on memory_clients clients of every memory_every-th round. off: nothing "
-        "(device_flops, device_peak_mem_bytes, server_flops and simulated time are null and rows say so).")
+        "(FLOPs and peak memory; +40% time on a CPU). sampled: FLOPs exact (each step's FLOPs measured once per "
+        "program, batch shape and what varies per batch, and reused); peak memory tracked on memory_clients "
+        "clients of every memory_every-th round. off: nothing (device_flops, device_peak_mem_bytes, server_flops "
+        "and sim_s are null, and rows and summary say measure: off).")
     memory_clients: int = Field(1, gt=0, description="sampled: clients per round whose device memory is tracked, "
                                 "drawn from the seed among the round's clients holding at least one full batch.")
     memory_every: int = Field(1, gt=0, description="sampled: track memory in round 1 and every N-th round; the "
@@ -278,11 +319,15 @@ class MetricsConfig(Section):
 
 
 class OutputConfig(Section):
-    dir: str = Field("runs", min_length=1, description="Folder that holds run directories.")
+    """Where a run writes: <dir>/<name>/ (config.yaml, metrics.jsonl, summary.json, partition.json,
+    checkpoints/)."""
+
+    dir: str = Field("runs", min_length=1, description="Folder that holds run directories (a local folder or "
+                     "a pyarrow.fs URI).")
     name: Optional[str] = Field(None, description="Run directory name, a plain folder name (no '/', '\\' or "
                                 "'..'); None = <algorithm>-<data>-<model>-s<seed>.")
     overwrite: bool = Field(False, description="Reuse an existing non-empty run directory: its old content is "
-                            "removed first. False = such a directory is refused.")
+                            "removed first. False = such a directory is refused (exit 2).")
     progress: bool = Field(True, description="Show a progress line per round on the driver.")
     checkpoint_every: int = Field(1, ge=0, description="Write a checkpoint (the whole experiment state) to "
                                   "<run dir>/checkpoints/ every N rounds and after the last; 0 = never.")
@@ -338,7 +383,7 @@ class ExperimentConfig(Section):
     metrics: MetricsConfig = MetricsConfig()
     stop: StopConfig = StopConfig()
     output: OutputConfig = OutputConfig()
-    seed: int = Field(0, ge=0, description="Root seed of every random stream.")
+    seed: int = Field(0, ge=0, description="Root seed of every random stream (init, data order, sampling).")
 
     @classmethod
     def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> "ExperimentConfig":
@@ -441,12 +486,11 @@ def _is_type_tag(part: str) -> bool:
 
 
 def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> ExperimentConfig:
-    """Read a YAML job, apply overrides, validate. Raises ConfigError with one clear reason."""
+    """Read a YAML job (a path, or a shipped job's name such as `quickstart`), apply overrides,
+    validate. Raises ConfigError with one clear reason."""
     raw: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("--config", path, "no such file")
+        p = resolve_config_path(path)  # a file, or the name of a job shipped in the package
         try:
             raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader) or {}
         except UnicodeDecodeError as exc:
@@ -456,6 +500,14 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> E
             raise ConfigError("--config", path, f"not valid YAML ({exc.__class__.__name__})") from None
         if not isinstance(raw, dict):
             raise ConfigError("--config", path, "the top level must be a mapping of sections")
+    return validate_config(raw, overrides)
+
+
+def validate_config(raw: dict, overrides: Optional[list[str]] = None) -> ExperimentConfig:
+    """A config from a dict of sections (as a YAML job reads), with `--set` style overrides.
+    Raises ConfigError with one clear reason."""
+    if not isinstance(raw, dict):
+        raise ConfigError("<root>", type(raw).__name__, "the top level must be a mapping of sections")
     raw = apply_overrides(raw, overrides or [])
     registry.load_plugins()  # a broken plug-in is one line naming it
     try:

@@ -7,7 +7,13 @@ tried on the Hub; a mistyped local path must not be: the user would read a netwo
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+import socket
 from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
 
 from sfl_ray.config_base import ConfigError
 
@@ -47,7 +53,59 @@ def reason(exc: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# A TCP connect to the Hub: answers in milliseconds offline (no DNS) and within this bound otherwise.
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face Hub can be reached: False in offline mode (HF_HUB_OFFLINE); True
+    behind a proxy (only the libraries can go through it); else whether it answers a TCP connect
+    (probed once per process and endpoint)."""
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    return _answers(hub.ENDPOINT)
+
+
+@functools.lru_cache(maxsize=4)
+def _answers(endpoint: str) -> bool:
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=HUB_PROBE_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def hub_access() -> Iterator[None]:
+    """Around a call that may reach the Hub: when the Hub cannot be reached, the call runs in
+    offline mode (the local cache only), so a name that is not cached fails at once instead of
+    after half a minute of retries and a screen of warnings."""
+    if hub_reachable():
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    before = hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True  # both libraries read these at call time
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = before
+
+
 def not_on_hub(key: str, name: str, exc: BaseException, what: str = "dataset") -> ConfigError:
-    """The error for a name that is not a local path and could not be loaded from the Hub."""
-    return ConfigError(key, name, f"neither a local file or folder nor a reachable Hugging Face Hub {what} "
-                       f"(offline, or no such repository): {reason(exc)}")
+    """The error for a name that is not a local path and could not be loaded from the Hub: what
+    was asked, and how to get it."""
+    if not hub_reachable():
+        return ConfigError(key, name, f"not a local file or folder, and the Hugging Face Hub cannot be reached "
+                           f"(offline) with no cached copy of this {what}: load it once where there is network "
+                           f"(it is then cached), or give a local copy with --set {key}=PATH")
+    return ConfigError(key, name, f"neither a local file or folder nor a Hugging Face Hub {what} (no such "
+                       f"repository, or no access): {reason(exc)}")

@@ -1,5 +1,8 @@
-"""CLI entry: python -m sfl_ray.run --config FILE [--set KEY=VALUE ...]
-               python -m sfl_ray.run --resume RUN_DIR [--resume-round N] [--set cluster.KEY=VALUE ...]
+"""`sfl-ray run` (also `python -m sfl_ray.run`, e.g. under `ray job submit`): one experiment.
+
+    sfl-ray run --config FILE_OR_NAME [--set KEY=VALUE ...]
+    sfl-ray run --resume RUN_DIR [--resume-round N] [--set cluster.KEY=VALUE ...]
+    sfl-ray run --print-schema | --list-jobs
 
 Exit 0 on success, 2 on a bad config or bad arguments (one line naming the key, the value and
 what is allowed; nothing is written), 1 on a failure while running (a client error, a NaN/Inf
@@ -9,6 +12,9 @@ summary.json says `interrupted`).
 Order matters: every check that can fail with exit 2 — config, run directory, data, model, and
 on Ray the cluster topology — runs before the run directory is claimed, so a refused run leaves
 nothing on disk.
+
+The module is also callable, as the Python API: `sfl_ray.run(config_or_path, **overrides) -> Run`
+(see `sfl_ray.api.run`). The command line and the API share one code path, `run_config`.
 """
 
 from __future__ import annotations
@@ -17,31 +23,46 @@ import argparse
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+import types
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from sfl_ray.api import Run
+    from sfl_ray.config import ExperimentConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
 log = logging.getLogger("sfl_ray")
 
 
+PROG = "python -m sfl_ray.run"  # what a user types to reach this module without the sfl-ray script
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own exit code is 2 as well; keep it one line
-        print(f"sfl_ray.run: {message}", file=sys.stderr)
+        print(f"{self.prog}: {message}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_CONFIG)
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = _Parser(prog="python -m sfl_ray.run", description="Train a split model across many clients.")
-    p.add_argument("--config", help="YAML job file (see jobs/)")
+def parse_args(argv: Optional[Sequence[str]], prog: str = PROG) -> argparse.Namespace:
+    """The run command's arguments; `prog` is how the user invoked it (shown in help and errors)."""
+    p = _Parser(prog=prog, description="Train a split model across many clients: one experiment from a YAML job.")
+    p.add_argument("--config", metavar="FILE_OR_NAME",
+                   help="YAML job file, or the name of a job shipped with the package (e.g. quickstart; see --list-jobs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.lr=0.01 (repeatable; with --resume only "
                         "cluster.* and output.progress)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its newest checkpoint")
     p.add_argument("--resume-round", type=int, metavar="N", help="with --resume: from the checkpoint of round N")
+    p.add_argument("--print-schema", action="store_true", help="print the config's JSON schema and exit")
+    p.add_argument("--list-jobs", action="store_true", help="list the jobs shipped with the package and exit")
     args = p.parse_args(argv)
+    args.prog = prog
+    if args.print_schema or args.list_jobs:
+        return args
     if (args.config is None) == (args.resume is None):
-        p.error("give either --config FILE (a new run) or --resume RUN_DIR (continue a run)")
+        p.error("give either --config FILE_OR_NAME (a new run) or --resume RUN_DIR (continue a run)")
     if args.resume_round is not None and args.resume is None:
         p.error("--resume-round needs --resume RUN_DIR")
     return args
@@ -55,9 +76,10 @@ def _on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler signatu
     raise Interrupted()
 
 
-def _resume_config(args):
-    """The resumed run's own config (its run directory as given), with cluster overrides only;
-    and its checkpoint. Raises ConfigError."""
+def load_resume(run_dir: str, overrides: Sequence[str] = (), resume_round: Optional[int] = None) -> tuple:
+    """(config, checkpoint state) of the run in `run_dir` (its own config, with `cluster.*` /
+    `output.progress` overrides only), to continue from its newest checkpoint or that of
+    `resume_round`. Raises ConfigError."""
     from pathlib import Path
 
     from sfl_ray.config import load_config
@@ -65,30 +87,30 @@ def _resume_config(args):
     from sfl_ray.metrics.writer import RunWriter
     from sfl_ray.runtime.checkpoint import Checkpointer, CheckpointError
 
-    run = Path(args.resume)
+    run = Path(run_dir)
     if not (run / "config.yaml").is_file():
-        raise ConfigError("--resume", args.resume, "not a run directory (no config.yaml)")
-    bad = [o for o in args.overrides if not (o.startswith("cluster.") or o.startswith("output.progress="))]
+        raise ConfigError("--resume", run_dir, "not a run directory (no config.yaml)")
+    bad = [o for o in overrides if not (o.startswith("cluster.") or o.startswith("output.progress="))]
     if bad:
         raise ConfigError("--set", bad[0], "a resumed run keeps its experiment: only cluster.* and output.progress")
-    cfg = load_config(str(run / "config.yaml"), args.overrides + [f"output.dir={run.resolve().parent}",
-                                                                  f"output.name={run.name}"])
+    cfg = load_config(str(run / "config.yaml"), list(overrides) + [f"output.dir={run.resolve().parent}",
+                                                                   f"output.name={run.name}"])
     summary = run / "summary.json"
     if summary.is_file():
         import json
         reason = json.loads(summary.read_text()).get("stop_reason")
         if reason not in ("interrupted", "failed"):
-            raise ConfigError("--resume", args.resume, f"this run has finished (stop_reason {reason!r})")
+            raise ConfigError("--resume", run_dir, f"this run has finished (stop_reason {reason!r})")
     if cfg.output.checkpoint_every == 0:
-        raise ConfigError("--resume", args.resume, "this run wrote no checkpoints (output.checkpoint_every=0)")
+        raise ConfigError("--resume", run_dir, "this run wrote no checkpoints (output.checkpoint_every=0)")
     try:
-        state = Checkpointer(RunWriter(str(run))).load(args.resume_round)
+        state = Checkpointer(RunWriter(str(run))).load(resume_round)
     except CheckpointError as err:
-        raise ConfigError("--resume", args.resume, str(err)) from None
+        raise ConfigError("--resume", run_dir, str(err)) from None
     return cfg, state
 
 
-def _write_stop(run_dir: str, reason: str, error: Optional[str] = None) -> None:
+def _write_stop(run_dir: str, reason: str, error: Optional[str] = None, prog: str = PROG) -> None:
     """summary.json of a run that did not finish: why, how far it got, what it can resume from."""
     from sfl_ray.metrics.writer import RunWriter
     from sfl_ray.runtime.checkpoint import Checkpointer
@@ -103,7 +125,7 @@ def _write_stop(run_dir: str, reason: str, error: Optional[str] = None) -> None:
         writer.write_json("summary.json", {
             "stop_reason": reason, "error": error, "rounds": rows[-1]["round"] if rows else 0,
             "final": rows[-1] if rows else None, "last_checkpoint_round": rounds[-1] if rounds else None,
-            "resume": f"python -m sfl_ray.run --resume {run_dir}" if rounds else None})
+            "resume": f"{prog} --resume {run_dir}" if rounds else None})
     except Exception as err:  # noqa: BLE001 - reporting the stop is best effort
         log.warning("could not write summary.json: %s", err)
 
@@ -186,80 +208,141 @@ def _failed(err: BaseException) -> int:
     return EXIT_FAILED
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import signal
+def run_config(cfg: "ExperimentConfig", resume: Optional[dict] = None, prog: str = PROG,
+               echo: Optional[Callable[[str], None]] = None) -> dict:
+    """Run one experiment: the code path of `sfl-ray run`, `sfl_ray.run(...)` and every caller
+    that runs configs (compare, sweeps). Returns the run's summary (as in summary.json).
 
-    from sfl_ray.config import dump_config, load_config
+    Every check that can fail with ConfigError — run directory, data, model, and on Ray the
+    cluster topology — comes before the run directory is claimed (nothing is written); then
+    partition.json is written and the experiment runs. `resume`: a checkpoint state from
+    `load_resume` (the run directory is reused, not claimed). Raises ConfigError (nothing left
+    on disk), KeyboardInterrupt / Interrupted (summary.json says `interrupted`, with the resume
+    command `<prog> --resume <run dir>`), or the run's own exception (summary.json says
+    `failed`). Ray: joins `cluster.address`, RAY_ADDRESS or an already initialised Ray; a Ray
+    instance this call starts is shut down before it returns. `echo` receives the start and
+    end lines (None: silent).
+    """
     from sfl_ray.config_base import ConfigError
+    from sfl_ray.config import dump_config
     from sfl_ray.metrics.run_dir import check_run_dir, claim_run_dir
+    from sfl_ray.metrics.writer import RunWriter
+    from sfl_ray.runtime import launch
 
-    args = parse_args(argv)
-    started_ray, state, run_dir = False, None, None
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    say = echo or (lambda line: None)
+    started_ray, run_dir = False, None
     try:
-        try:
-            if args.resume:
-                cfg, state = _resume_config(args)
-            else:
-                cfg = load_config(args.config, args.overrides)
-                check_run_dir(cfg)  # cheap, so before the data: a taken name fails fast
-            algorithm_cls, data, shards, hist = prepare(cfg)
-            if cfg.cluster.backend == "ray":
-                started_ray = _init_ray(cfg)
-                _check_topology(cfg, algorithm_cls, shards)
-            if not args.resume:
-                run_dir = claim_run_dir(cfg, dump_config(cfg))
-        except ConfigError as err:
-            print(str(err), file=sys.stderr)
-            return EXIT_BAD_CONFIG
-        except Exception as err:  # noqa: BLE001 - e.g. Ray would not start: report, exit 1
-            return _failed(err)
-
-        from sfl_ray.metrics.writer import RunWriter
-        from sfl_ray.runtime.launch import run_experiment
-
+        if resume is None:
+            check_run_dir(cfg)  # cheap, so before the data: a taken name fails fast
+        algorithm_cls, data, shards, hist = prepare(cfg)
+        if cfg.cluster.backend == "ray":
+            started_ray = _init_ray(cfg)
+            _check_topology(cfg, algorithm_cls, shards)
         path = cfg.run_dir()
-        if not args.resume:
+        if resume is None:
+            run_dir = claim_run_dir(cfg, dump_config(cfg))
             # One line, not indented: ten thousand clients' histograms stay a few hundred KB.
             RunWriter(run_dir.path).write_json("partition.json", {
                 "num_clients": len(shards), "sizes": shards.sizes.tolist(), "label_histograms": hist}, indent=None)
-        how = f"resumed after round {state['round']}" if state else f"{cfg.train.num_clients} clients"
-        print(f"sfl_ray: {cfg.algorithm.name} on {cfg.data.name}/{cfg.model.name}, {how}, "
-              f"backend {cfg.cluster.backend}; run dir {path}", flush=True)
+        how = f"resumed after round {resume['round']}" if resume else f"{cfg.train.num_clients} clients"
+        say(f"sfl_ray: {cfg.algorithm.name} on {cfg.data.name}/{cfg.model.name}, {how}, "
+            f"backend {cfg.cluster.backend}; run dir {path}")
         try:
-            summary = run_experiment(algorithm_cls, cfg, data, shards, resume=state)
-        except ConfigError as err:  # a check only the running backend can make: leave nothing behind
+            summary = launch.run_experiment(algorithm_cls, cfg, data, shards, resume=resume)
+        except ConfigError:  # a check only the running backend can make: leave nothing behind
             if run_dir is not None:
                 run_dir.release()
-            print(str(err), file=sys.stderr)
-            return EXIT_BAD_CONFIG
+            raise
         except (KeyboardInterrupt, Interrupted) as sig:
             name = "SIGINT" if isinstance(sig, KeyboardInterrupt) else "SIGTERM"
-            _write_stop(path, "interrupted", name)
-            log.warning("interrupted by %s; resume with: python -m sfl_ray.run --resume %s", name, path)
-            return EXIT_SIGINT if name == "SIGINT" else EXIT_SIGTERM
-        except Exception as err:  # noqa: BLE001 - report, exit 1
-            _write_stop(path, "failed", _first_line(err))
-            return _failed(err)
+            _write_stop(path, "interrupted", name, prog)
+            log.warning("interrupted by %s; resume with: %s --resume %s", name, prog, path)
+            raise
+        except Exception as err:
+            _write_stop(path, "failed", _first_line(err), prog)
+            raise
         final = summary.get("final") or {}
         metric = ("eval_perplexity" if final.get("eval_perplexity") is not None else "eval_accuracy")
-        print(f"sfl_ray: done after {summary['rounds']} rounds ({summary['stop_reason']}); "
-              f"{metric}={final.get(metric)} GiB={summary['totals']['gib']:.4f}", flush=True)
-        return EXIT_OK
-    except (KeyboardInterrupt, Interrupted) as sig:  # before the run started: nothing to keep
-        return EXIT_SIGINT if isinstance(sig, KeyboardInterrupt) else EXIT_SIGTERM
+        say(f"sfl_ray: done after {summary['rounds']} rounds ({summary['stop_reason']}); "
+            f"{metric}={final.get(metric)} GiB={summary['totals']['gib']:.4f}")
+        return summary
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
         if started_ray:  # a Ray instance this run started ends with it (no agents left behind)
             import ray
             ray.shutdown()
 
 
+def print_schema() -> None:
+    """The config's JSON schema (pydantic's), on stdout."""
+    import json
+
+    from sfl_ray.config import ExperimentConfig
+    print(json.dumps(ExperimentConfig.model_json_schema(), indent=2))
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
+    """The run command; returns the exit code. `prog`: how it was invoked (`sfl-ray run` or
+    `python -m sfl_ray.run`), shown in help, errors and the resume hint."""
+    args = parse_args(argv, prog)
+    if args.print_schema:
+        print_schema()
+        return EXIT_OK
+    if args.list_jobs:
+        from sfl_ray.job_files import JOBS_DIR, shipped_jobs
+        print(f"jobs shipped in {JOBS_DIR} (run one with: {prog} --config NAME):")
+        for name in shipped_jobs():
+            print(f"  {name}")
+        return EXIT_OK
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import signal
+
+    from sfl_ray.config import load_config
+    from sfl_ray.config_base import ConfigError
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    try:
+        if args.resume:
+            cfg, state = load_resume(args.resume, args.overrides, args.resume_round)
+        else:
+            cfg, state = load_config(args.config, args.overrides), None
+        run_config(cfg, state, prog, echo=lambda line: print(line, flush=True))
+        return EXIT_OK
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except (KeyboardInterrupt, Interrupted) as sig:  # the run (if it started) has said how to resume
+        return EXIT_SIGINT if isinstance(sig, KeyboardInterrupt) else EXIT_SIGTERM
+    except Exception as err:  # noqa: BLE001 - e.g. Ray would not start, a client failed: report, exit 1
+        return _failed(err)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def _main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
+
+
+class _CallableModule(types.ModuleType):
+    """This module's class, so that `sfl_ray.run(...)` runs an experiment.
+
+    `sfl_ray.run` is both this module (what `python -m sfl_ray.run` executes, and what `import
+    sfl_ray.run` binds as the package's attribute `run`) and the Python API's entry point. A
+    function named `run` in `sfl_ray/__init__.py` would be replaced by this module the moment
+    anything imports the submodule, so the module itself is made callable instead: whatever the
+    import order, `sfl_ray.run` is this module and calling it calls `sfl_ray.api.run`.
+    """
+
+    def __call__(self, config_or_path: Any, **overrides: Any) -> "Run":
+        """Run one experiment in this process and return its `Run`: `sfl_ray.api.run`, which
+        documents the arguments (a path, a shipped job's name, a dict or an ExperimentConfig;
+        overrides as `train__lr=0.01` or `**{"train.lr": 0.01}`)."""
+        from sfl_ray.api import run
+        return run(config_or_path, **overrides)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 if __name__ == "__main__":

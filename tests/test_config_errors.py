@@ -1,6 +1,8 @@
 """Bad configs exit 2 with one line naming the key, the value and what is allowed; no traceback."""
 
 import glob
+import os
+import re
 
 import pytest
 
@@ -55,5 +57,8 @@ def test_every_algorithm_runs_from_its_name_alone(name):
 @pytest.mark.parametrize("path", sorted(glob.glob("jobs/*.yaml")))
 def test_every_job_file_parses_and_says_how_to_run_it(path):
     text = open(path).read()
-    assert text.startswith("#") and "python -m sfl_ray." in text.splitlines()[0]
+    name = os.path.basename(path).removesuffix(".yaml")
+    first = text.splitlines()[0]
+    assert re.match(rf"# sfl-ray (run|compare) --config {name}\b", first), first  # a command that works anywhere
+    assert "# Data:" in text.split("\n\n")[0].split("\nalgorithm:")[0]  # and where its data comes from
     load_config(path)

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from pydantic import Field
+
 from sfl_ray.models.task import task_loss
 from sfl_ray.config_base import Section
 from sfl_ray.runtime.protocol import ClientContext, ClientReply, ServerProgram
@@ -61,7 +63,9 @@ def split_weights(full: Mapping[str, np.ndarray]) -> tuple[Weights, Weights]:
 class SplitConfigMixin(Section):
     """Fields every split-learning family algorithm shares."""
 
-    weighted: bool = True  # sample-weighted FedAvg of device blocks (the SplitFed code uses unweighted)
+    weighted: bool = Field(True, description="FedAvg of the device blocks (and aux heads) weighted by the "
+                           "clients' sample counts; false = the unweighted mean (the SplitFed reference code's and "
+                           "HERON-SFL's).")
 
 
 def split_client_epoch(ctx: ClientContext, down: dict) -> tuple[dict, dict]:

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import numpy as np
 
 from sfl_ray.config_base import ConfigError
-from sfl_ray.local_paths import not_on_hub, reason, require_local
+from sfl_ray.local_paths import hub_access, not_on_hub, reason, require_local
 
 BUILTIN = Path(__file__).parent / "builtin"
 
@@ -109,7 +109,8 @@ def _load_hf(path_or_name: str, data_files: Optional[dict] = None, builder: Opti
             raise ConfigError("data.path", where, f"cannot read it as {builder}: {reason(e)}") from None
     else:
         try:
-            dd = datasets.load_dataset(path_or_name)
+            with hub_access():
+                dd = datasets.load_dataset(path_or_name)
         except Exception as e:
             raise not_on_hub("data.path", path_or_name, e) from None
     if "train" not in dd:
@@ -306,10 +307,13 @@ def _raw(name: str, path: Optional[str], image_column: str, label_column: str,
         return _load_mnist(path, limits)
     if name == "cifar10":
         if path is None:
-            raise ConfigError("data.path", None, "cifar10 needs a tarball, an image folder, or a hub name (uoft-cs/cifar10)")
+            raise ConfigError("data.path", None, "cifar10 needs its data: --set data.path=PATH, a CIFAR-10 tarball "
+                              "or image folder laid out as train/<class>/<image> and test/<class>/<image>, or "
+                              "--set data.path=uoft-cs/cifar10 (the Hub, needs network access the first time)")
         return _load_imagefolder(path, "img", "label", limits)
     if path is None:
-        raise ConfigError("data.path", None, "the hf source needs a hub name or a local folder")
+        raise ConfigError("data.path", None, "the hf source needs --set data.path=NAME (a Hugging Face Hub "
+                          "image-classification dataset) or a local folder of <split>/<class>/<image> files")
     if Path(path).exists():  # an image folder's columns are image and label unless the user says otherwise
         return _load_imagefolder(path, image_column, label_column, limits, (image_column, label_column))
     return _load_hf(path, image_col=image_column, label_col=label_column, limits=limits)

@@ -37,7 +37,7 @@ import numpy as np
 
 from sfl_ray.config_base import ConfigError
 from sfl_ray.data.sources import BUILTIN, ArrayDataset
-from sfl_ray.local_paths import not_on_hub, reason, require_local
+from sfl_ray.local_paths import hub_access, hub_reachable, not_on_hub, reason, require_local
 
 BUILTIN_E2E = BUILTIN / "e2e_slice"
 BUILTIN_TOKENIZER = BUILTIN / "gpt2_tokenizer"
@@ -86,13 +86,16 @@ def _tokenizer_and_digest(name_or_path: Optional[str]) -> tuple[Any, str]:
     else:
         require_local("data.tokenizer", name_or_path)
         try:
-            tok = GPT2TokenizerFast.from_pretrained(str(name_or_path))
+            with hub_access():
+                tok = GPT2TokenizerFast.from_pretrained(str(name_or_path))
         except Exception as e:  # offline, or no such repository: say what was asked
             raise not_on_hub("data.tokenizer", str(name_or_path), e, "tokenizer") from None
     if tok.eos_token_id is None:  # a bare tokenizer.json carries no special-token roles
         if EOS_TEXT not in tok.get_vocab():
             raise ConfigError("data.tokenizer", name_or_path, f"has no EOS token and no {EOS_TEXT}")
         tok.eos_token = EOS_TEXT
+    if len(tok) < 256 and not src.exists() and not hub_reachable():  # transformers 5.x: an empty tokenizer
+        raise not_on_hub("data.tokenizer", str(name_or_path), RuntimeError("empty tokenizer"), "tokenizer")
     if len(tok) < 256:  # e.g. a hub name while offline: transformers 5.x returns an empty tokenizer
         raise ConfigError("data.tokenizer", name_or_path, f"loaded with only {len(tok)} tokens: its vocabulary "
                           "was not found or not read (offline? a folder without tokenizer.json / vocab.json + merges.txt?)")
@@ -131,7 +134,8 @@ def e2e_splits(path: Optional[str] = None) -> Any:
     if folder.exists():
         raise ConfigError("data.path", path, "an E2E folder of csv, json or parquet files or a hub name, not a file")
     try:
-        dd = _load_hub(path)
+        with hub_access():
+            dd = _load_hub(path)
     except Exception as e:  # offline, or no such data set: say what was asked
         raise not_on_hub("data.path", path, e) from None
     for split in ("train", "validation"):

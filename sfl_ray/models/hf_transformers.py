@@ -148,11 +148,12 @@ def _untied_head(lm_head: nn.Linear) -> nn.Linear:
 
 def _from_pretrained(cls: Any, name: str, **kw: Any) -> Any:
     """`cls.from_pretrained(name)`; a missing folder or an unreachable hub name is a ConfigError."""
-    from sfl_ray.local_paths import not_on_hub, reason, require_local
+    from sfl_ray.local_paths import hub_access, not_on_hub, reason, require_local
 
     require_local("model.transformer.pretrained", name)
     try:
-        return cls.from_pretrained(name, **kw)
+        with hub_access():
+            return cls.from_pretrained(name, **kw)
     except Exception as e:  # a folder without weights, or the hub offline: one line naming what was asked
         if Path(name).exists():
             raise ConfigError("model.transformer.pretrained", name, f"cannot load a {cls.__name__} from it: "
