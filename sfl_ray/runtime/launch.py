@@ -92,16 +92,13 @@ def run_experiment(algorithm_cls: type[Algorithm], cfg: Any, data: ArrayDataset,
 
 def _run_on_ray(algorithm_cls, blueprint, cfg, data, shards, writer, common, show, resume=None) -> dict:
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from sfl_ray.runtime.ray_backend import FIRST_WAIT_S, start_actors
 
     executor = start_actors(algorithm_cls, blueprint, data.train_x, data.train_y, shards, cfg.cluster)
     evaluator = Evaluator(blueprint.build_parts(), data.test_x, data.test_y, cfg.train.eval_batch_size,
                           blueprint.precision)
-    # The coordinator stays on the driver's node so a local run directory is where the user looks.
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    make = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2, scheduling_strategy=here)
+    make = ray.remote(Coordinator).options(num_cpus=0, max_concurrency=2, scheduling_strategy=_beside_driver())
     timeout = cfg.cluster.task_timeout_s or FIRST_WAIT_S
     coord = make.remote(algorithm_cls(blueprint), executor, evaluator, writer, **common)
     recoveries = 0
@@ -134,6 +131,21 @@ def _run_on_ray(algorithm_cls, blueprint, cfg, data, shards, writer, common, sho
     finally:
         ray.kill(coord)
         executor.shutdown()
+
+
+def _beside_driver():
+    """Where the coordinator goes: on the driver's node, so a local run directory is where the user
+    looks. A driver that is a Ray Tune trial (sfl_ray.sweep) runs in bundle 0 of the trial's
+    placement group: the coordinator joins that bundle (same node), inside the trial's reservation
+    like the pools and server blocks, which the placement group captures without being told."""
+    import ray
+    from ray.util import get_current_placement_group
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+    group = get_current_placement_group()  # None unless this process runs in a group that captures children
+    if group is not None:
+        return PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def _wait(coord, done, show, timeout: float) -> dict:
