@@ -180,8 +180,17 @@ def _init_ray(cfg) -> bool:
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     # No address and no job cluster: start a new local Ray instance. Not ray.init()'s default,
     # which joins whatever /tmp/ray/ray_current_cluster names and waits for ever if that head died.
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    ours = signal.getsignal(signal.SIGTERM) if main_thread else None
     ray.init(address=address or "local", include_dashboard=False if address is None else None,
              logging_level=logging.WARNING, log_to_driver=True)
+    if main_thread and ours is not None:
+        # ray.init installs its own SIGTERM handler (log, exit 1): the caller's (exit 143 with a
+        # resumable summary.json) must stay in force.
+        signal.signal(signal.SIGTERM, ours)
     return address is None
 
 

@@ -81,9 +81,10 @@ def test_killed_driver_resumes_to_the_same_metrics_on_ray(tmp_path, ray_cluster)
 
 
 @pytest.mark.slow
-def test_sigterm_stops_cleanly_and_keeps_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("backend", ["local", "ray"])  # ray.init installs a SIGTERM handler of its own
+def test_sigterm_stops_cleanly_and_keeps_the_checkpoint(tmp_path, backend):
     run = tmp_path / "run"
-    code = _kill_after_checkpoint(_cli("--set", "cluster.backend=local", "--set", f"output.dir={tmp_path}",
+    code = _kill_after_checkpoint(_cli("--set", f"cluster.backend={backend}", "--set", f"output.dir={tmp_path}",
                                        "--set", "output.name=run", "--set", "stop.rounds=50"), run, 1, signal.SIGTERM)
     assert code == 143
     summary = json.loads((run / "summary.json").read_text())
