@@ -218,7 +218,8 @@ def _failed(err: BaseException) -> int:
 
 
 def run_config(cfg: "ExperimentConfig", resume: Optional[dict] = None, prog: str = PROG,
-               echo: Optional[Callable[[str], None]] = None) -> dict:
+               echo: Optional[Callable[[str], None]] = None,
+               progress: Optional[Callable[[dict], None]] = None) -> dict:
     """Run one experiment: the code path of `sfl-ray run`, `sfl_ray.run(...)` and every caller
     that runs configs (compare, sweeps). Returns the run's summary (as in summary.json).
 
@@ -230,7 +231,8 @@ def run_config(cfg: "ExperimentConfig", resume: Optional[dict] = None, prog: str
     command `<prog> --resume <run dir>`), or the run's own exception (summary.json says
     `failed`). Ray: joins `cluster.address`, RAY_ADDRESS or an already initialised Ray; a Ray
     instance this call starts is shut down before it returns. `echo` receives the start and
-    end lines (None: silent).
+    end lines (None: silent); `progress` the coordinator's progress after every round (its
+    `row`: the round's metrics).
     """
     from sfl_ray.config_base import ConfigError
     from sfl_ray.config import dump_config
@@ -257,7 +259,7 @@ def run_config(cfg: "ExperimentConfig", resume: Optional[dict] = None, prog: str
         say(f"sfl_ray: {cfg.algorithm.name} on {cfg.data.name}/{cfg.model.name}, {how}, "
             f"backend {cfg.cluster.backend}; run dir {path}")
         try:
-            summary = launch.run_experiment(algorithm_cls, cfg, data, shards, resume=resume)
+            summary = launch.run_experiment(algorithm_cls, cfg, data, shards, progress=progress, resume=resume)
         except ConfigError:  # a check only the running backend can make: leave nothing behind
             if run_dir is not None:
                 run_dir.release()

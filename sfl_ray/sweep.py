@@ -265,11 +265,7 @@ def _newest_usable_checkpoint(run: Path) -> Optional[dict]:
 
 def run_trial(config: dict, trials: dict, cwd: str) -> None:
     """Tune's function trainable: run (or continue, or just report) the trial `config["run"]`."""
-    from sfl_ray.config import dump_config
-    from sfl_ray.metrics.run_dir import claim_run_dir
-    from sfl_ray.metrics.writer import RunWriter
-    from sfl_ray.run import _first_line, _write_stop, prepare
-    from sfl_ray.runtime.launch import run_experiment
+    from sfl_ray.run import run_config
 
     if os.path.isdir(cwd):  # Tune starts trials in their Tune folder; relative paths mean the sweep's
         os.chdir(cwd)
@@ -280,13 +276,8 @@ def run_trial(config: dict, trials: dict, cwd: str) -> None:
         tune.report(_final_report(summary))
         return
     state = _newest_usable_checkpoint(run)
-    algorithm_cls, data, shards, hist = prepare(cfg)
-    if state is None:
-        if run.exists():  # started but no checkpoint to continue from: start again
-            shutil.rmtree(run)
-        claimed = claim_run_dir(cfg, dump_config(cfg))
-        RunWriter(claimed.path).write_json("partition.json", {
-            "num_clients": len(shards), "sizes": shards.sizes.tolist(), "label_histograms": hist}, indent=None)
+    if state is None and run.exists():  # started but no checkpoint to continue from: start again
+        shutil.rmtree(run)
     reported = [state["round"] if state else 0]
 
     def progress(p: dict) -> None:
@@ -295,11 +286,8 @@ def run_trial(config: dict, trials: dict, cwd: str) -> None:
             reported[0] = row["round"]
             tune.report(_report_row(row))
 
-    try:
-        summary = run_experiment(algorithm_cls, cfg, data, shards, progress=progress, resume=state)
-    except Exception as err:
-        _write_stop(str(run), "failed", _first_line(err))
-        raise
+    # The one code path of a run (checks, run directory, partition.json, summary.json on a failure).
+    summary = run_config(cfg, resume=state, progress=progress)
     tune.report(_final_report(summary))
 
 
@@ -391,11 +379,9 @@ def write_summary_table(trials: list[Trial], root: Path) -> Path:
 
 
 def _write_report(trials: list[Trial], root: Path) -> Optional[Path]:
+    from sfl_ray.report import write_report
+
     paths = [t.cfg.run_dir() for t in trials if _finished(Path(t.cfg.run_dir())) is not None]
-    try:
-        from sfl_ray.report import write_report
-    except ImportError:  # the full report (plots) is optional: a table of the trials always works
-        return write_summary_table(trials, root)
     if not paths:
         return None
     try:

@@ -87,9 +87,9 @@ def test_a_two_point_sweep_runs_through_tune_and_matches_direct_runs(tmp_path, d
     finished = [i for i, line in enumerate(lines) if line.startswith("sweep: finished ")]
     assert len(started) == 2 and len(finished) == 2 and max(started) < min(finished), proc.stdout
     report = Path(next(line for line in lines if line.startswith("sweep: report: ")).split(": ", 2)[2])
-    assert report.parent == out and report.is_file()
-    if report.name == "sweep.md":  # the table written when sfl_ray.report is not there
-        assert all(name in report.read_text() for name in NAMES)
+    assert report.parent == out and report.name == "report.md" and report.is_file()
+    assert (out / "report.html").is_file() and (out / "plots" / "metric_vs_gib.png").is_file()
+    assert all(f"| {name} |" in (out / "report.md").read_text() for name in NAMES)  # a row per trial
     print(f"two-point sweep: {took:.1f} s")
 
 
