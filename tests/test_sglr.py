@@ -37,12 +37,14 @@ def _sglr(run_dir, *overrides):
 
 
 def _spy_downs(ex, program="sglr_backward"):
-    """Record (client, down) of every run of `program`, in order."""
+    """Record (client, down) of every run of `program`, in order; what came by reference
+    (the server's gradients, runtime.bulk) as the pool fetches it."""
+    from sfl_ray.runtime.bulk import local_fetch, resolve
     seen, real = [], ex.pool.run
 
     def run(prog, client, rnd, down, *measure):
         if prog == program:
-            seen.append((client, down))
+            seen.append((client, resolve(down, local_fetch, decoded=False)))
         return real(prog, client, rnd, down, *measure)
 
     ex.pool.run = run

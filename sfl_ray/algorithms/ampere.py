@@ -48,6 +48,14 @@ def epoch_order(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
     return np_rng(seed, "ampere_server", epoch).permutation(n) if shuffle else np.arange(n)
 
 
+def consolidate(parts: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(activations, labels, owner) of the devices' transfers, in the order given."""
+    z = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    owner = np.concatenate([np.full(len(p[1]), p[2]) for p in parts])
+    return z, y, owner
+
+
 class ConsolidatedServer(ServerProgram):
     """Trains the server block on the pooled activations of all devices (server_trainer: actor)."""
 
@@ -56,8 +64,11 @@ class ConsolidatedServer(ServerProgram):
         self.model = ctx.build_parts().server
         self.opt = ctx.optimizer([self.model], lr=ctx.config.server_lr)
 
-    def set_dataset(self, z: np.ndarray, y: np.ndarray, owner: np.ndarray) -> int:
-        self.z, self.y, self.owner = to_tensor(np.array(z)), to_tensor(np.array(y)), np.asarray(owner)
+    def set_dataset(self, parts: list[tuple[np.ndarray, np.ndarray, int]]) -> int:
+        """The devices' transfers, (activations, labels, device id) each, consolidated here: they
+        come from the devices by reference, not through the coordinator."""
+        z, y, owner = consolidate(parts)
+        self.z, self.y, self.owner = to_tensor(z), to_tensor(y), owner
         return len(self.y)
 
     def train_epoch(self, epoch: int) -> dict:
@@ -112,20 +123,21 @@ class Ampere(AuxHeadMixin, Algorithm):
         with torch.no_grad():
             z = torch.cat([device(torch.from_numpy(x[ctx.indices[i: i + bs]]).to(ctx.device))
                            for i in range(0, ctx.num_samples, bs)])
+        if ctx.config.server_trainer == "actor":  # the server block reads them where they were stored
+            ctx.by_reference("activations", "labels")
         return {"activations": z, "labels": torch.from_numpy(y[ctx.indices])}, {"num_samples": ctx.num_samples}
 
     def run_final(self, rt: RoundRuntime, rnd: int, index: int) -> RoundSummary:
         if index == 0:
             everyone = list(range(self.train.num_clients))
             replies = rt.clients(everyone, {"weights": self.global_device}, program="activations_program")
-            z = np.concatenate([r.up["activations"] for r in replies])
-            y = np.concatenate([r.up["labels"] for r in replies])
-            owner = np.concatenate([np.full(len(r.up["labels"]), r.client) for r in replies])
+            # With the actor trainer these are `Bulk` handles: the coordinator passes references.
+            parts = [(r.up["activations"], r.up["labels"], r.client) for r in replies]
             if self.config.server_trainer == "actor":
-                rt.server("set_dataset", z, y, owner)
-            else:
-                self._consolidated = (z, y, owner)
-            return RoundSummary(phase="transfer", extra={"consolidated_samples": len(y)})
+                rt.server("set_dataset", parts)
+            else:  # Ray Train's workers are fed from the coordinator (runtime.ray_train_fit)
+                self._consolidated = consolidate(parts)
+            return RoundSummary(phase="transfer", extra={"consolidated_samples": sum(len(p[1]) for p in parts)})
         self.global_phase = "server"
         if self.config.server_trainer == "actor":
             stats = rt.server("train_epoch", index - 1)

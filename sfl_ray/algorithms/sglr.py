@@ -7,7 +7,9 @@ The clients move in lock-step, one batch per iteration:
   2. the server takes ONE step on the concatenated batch, with lr = client lr x N^alpha
      (N = clients in the round), and splits the cut-layer gradient into per-client slices;
   3. a random ceil(phi x n) of the iteration's clients are "active": each of them receives the
-     element-wise mean of the active slices, every other client its own slice (down);
+     element-wise mean of the active slices, every other client its own slice (down); the
+     server block averages, and activations and gradients travel between pools and server
+     block by reference (runtime.bulk), never through the coordinator;
   4. every client backpropagates what it received and steps its own optimizer.
 Per client per batch: activations + labels up, one slice-shaped gradient down. SplitAvg is on
 only during the initial (or final) `averaging_fraction_of_training` of the run, as the
@@ -55,6 +57,7 @@ from pydantic import Field, model_validator
 from sfl_ray.models.task import task_loss
 from sfl_ray.algorithms.common import SplitConfigMixin, weighted_average
 from sfl_ray.models.split import ModelParts
+from sfl_ray.runtime.codec import Codec
 from sfl_ray.runtime.protocol import (Algorithm, Blueprint, ClientContext, RoundRuntime, RoundSummary,
                                       ServerContext, ServerProgram)
 from sfl_ray.runtime.wire import module_weights, to_numpy, to_tensor
@@ -119,6 +122,24 @@ class SGLRConfig(SplitConfigMixin):
         return self
 
 
+def route(grads: dict[int, np.ndarray], active: list[int], weight: dict[int, float], batch_size: int,
+          codec: Codec) -> tuple[dict[int, dict], int]:
+    """What each client receives: the mean slice if averaged, else its own; and the bytes the
+    server sends when the mean goes out once (multicast)."""
+    out = {c: {"gradients": g} for c, g in grads.items()}
+    # Only full batches align sample by sample; a short last batch keeps its own slice.
+    group = [c for c in active if len(grads[c]) == batch_size]
+    if group:
+        total = sum(weight[c] for c in group)
+        acc = sum((weight[c] / total) * grads[c].astype(np.float64) for c in group)
+        mean = acc.astype(grads[group[0]].dtype)
+        for c in group:
+            out[c] = {"gradients": mean}
+    size = codec.nbytes  # as sent: compressed under link.compression
+    own = sum(size("gradients", g) for c, g in grads.items() if c not in group)
+    return out, own + (size("gradients", out[group[0]]["gradients"]) if group else 0)
+
+
 class SGLRServer(ServerProgram):
     """One server block stepped once per iteration on the clients' concatenated batches."""
 
@@ -151,6 +172,25 @@ class SGLRServer(ServerProgram):
         grad = z.grad if self.ctx.config.loss_reduction == "mean_over_concat" else z.grad * len(ids)
         slices = {c: to_numpy(g) for c, g in zip(ids, grad.split(sizes))}
         return slices, float(per_sample.detach().sum()), int(len(y))
+
+    def iteration(self, batches: dict[int, dict], lr: float, active: list[int], weight: dict[int, float]
+                  ) -> tuple[dict[int, dict], float, int, int]:
+        """One iteration's server side: `step`, then SplitAvg (the server averages the active
+        clients' slices, as the paper has it). Returns what each client receives, by reference
+        (`Bulk` handles: the gradients go from here to the pools, the mean stored once), the
+        summed loss and its count, and the bytes the server sends (see `route`)."""
+        slices, loss_sum, count = self.step(batches, lr)
+        codec = self.ctx.blueprint.codec
+        down, sent = route(slices, active, weight, self.ctx.train.batch_size, codec)
+        # One object per iteration; clients given the same array share one stored value.
+        wire, names = {}, {}
+        for c, payload in down.items():
+            g = payload["gradients"]
+            if id(g) not in names:
+                names[id(g)] = f"g{len(names)}"
+                wire[names[id(g)]] = codec.encode_array(g)  # leaves compressed (link.compression)
+        handles = self.ctx.bulk(wire)
+        return {c: {"gradients": handles[names[id(p["gradients"])]]} for c, p in down.items()}, loss_sum, count, sent
 
     def get_weights(self) -> dict:
         return module_weights(self.model)
@@ -190,9 +230,9 @@ class SGLR(Algorithm):
             for k in range(max(batches.values())):
                 ids = [c for c in clients if batches[c] > k]  # clients whose epoch is done sit out
                 ups = rt.clients(ids, {}, program="sglr_forward")
-                grads, lsum, n = rt.server("step", {r.client: r.up for r in ups}, server_lr)
                 active = self.active_clients(rnd, epoch, k, ids) if averaging else []
-                down, sent = self.route(grads, active, weight)
+                # Activations up and gradients down go by reference (runtime.bulk): pools <-> server.
+                down, lsum, n, sent = rt.server("iteration", {r.client: r.up for r in ups}, server_lr, active, weight)
                 rt.clients(ids, {}, program="sglr_backward", per_client=down)
                 loss_sum, count = loss_sum + lsum, count + n
                 iterations, server_sent = iterations + 1, server_sent + sent
@@ -219,23 +259,6 @@ class SGLR(Algorithm):
         m = math.ceil(self.config.phi * len(ids) - 1e-9)
         pick = np_rng(self.blueprint.seed, "sglr_active", rnd, epoch, k).choice(len(ids), m, replace=False)
         return sorted(ids[i] for i in pick)
-
-    def route(self, grads: dict[int, np.ndarray], active: list[int], weight: dict[int, float]
-              ) -> tuple[dict[int, dict], int]:
-        """What each client receives: the mean slice if averaged, else its own; and the bytes the
-        server sends when the mean goes out once (multicast)."""
-        out = {c: {"gradients": g} for c, g in grads.items()}
-        # Only full batches align sample by sample; a short last batch keeps its own slice.
-        group = [c for c in active if len(grads[c]) == self.train.batch_size]
-        if group:
-            total = sum(weight[c] for c in group)
-            acc = sum((weight[c] / total) * grads[c].astype(np.float64) for c in group)
-            mean = acc.astype(grads[group[0]].dtype)
-            for c in group:
-                out[c] = {"gradients": mean}
-        size = self.blueprint.codec.nbytes  # as sent: compressed under link.compression
-        own = sum(size("gradients", g) for c, g in grads.items() if c not in group)
-        return out, own + (size("gradients", out[group[0]]["gradients"]) if group else 0)
 
     def eval_device(self, rt: RoundRuntime, clients: list[int]) -> dict:
         ids = clients if self.config.eval_model == "mean" else clients[:1]
@@ -274,6 +297,7 @@ class SGLR(Algorithm):
         z = model(x)
         st["pending"] = z
         ctx.continue_measuring()
+        ctx.by_reference("activations", "labels")  # to the server block, not through the coordinator
         return {"activations": z, "labels": y}, {}
 
     def sglr_backward(self, ctx: ClientContext, down: dict) -> tuple[dict, dict]:

@@ -8,6 +8,9 @@ graph would use do fit: the pool writes a request (numpy arrays, serialised out 
 zero-copy), a thread in the server block reads it, runs the server program under the block's
 lock and writes the reply. A round trip costs a memory copy and a wake-up instead of a task
 submission (see bench/transfer.py). Pools and server blocks on different nodes keep actor calls.
+
+These are the Ray backend's actor classes: they also keep bulk payloads (runtime.bulk) in the
+object store, so that the coordinator passes references, never the arrays.
 """
 
 from __future__ import annotations
@@ -36,6 +39,20 @@ _TIMEOUT = getattr(ray.exceptions, "RayChannelTimeoutError", TimeoutError)
 
 def _me() -> Any:
     return ray.get_runtime_context().current_actor
+
+
+def put_bulk(stored: dict) -> Any:
+    """One object in the object store, owned by this actor: it lives while someone holds a
+    reference to it, and is lost if this actor's process dies."""
+    return ray.put(stored)
+
+
+def fetch_bulk(refs: list) -> list:
+    """The objects `refs` refer to, in one read; an object whose owner died is a lost actor."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.ObjectLostError as err:
+        raise ActorLost(f"a bulk payload was lost with the process that stored it ({type(err).__name__})") from None
 
 
 class ChannelEndpoint:
@@ -78,6 +95,12 @@ class ChannelEndpoint:
 class ChannelClientPool(ClientPool):
     """A client pool that can reach server blocks on its node through channels."""
 
+    def put_bulk(self, stored: dict) -> Any:
+        return put_bulk(stored)
+
+    def fetch_bulk(self, refs: list) -> list:
+        return fetch_bulk(refs)
+
     def open_request_channel(self, server: Any, server_node: str) -> Channel:
         """The channel this pool writes requests to, read by `server` (a Channel is made by its writer)."""
         return Channel(_me(), [(server, server_node)], BUFFER_BYTES)
@@ -105,6 +128,12 @@ class ChannelServerBlock(ServerBlock):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._serving: dict[int, tuple[Channel, Channel, threading.Thread]] = {}
+
+    def put_bulk(self, stored: dict) -> Any:
+        return put_bulk(stored)
+
+    def fetch_bulk(self, refs: list) -> list:
+        return fetch_bulk(refs)
 
     def open_reply_channel(self, pool: Any, pool_node: str) -> Channel:
         """The channel this block writes replies to, read by `pool`."""

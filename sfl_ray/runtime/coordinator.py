@@ -77,8 +77,9 @@ class _Round(RoundRuntime):
         self.groups: list[tuple[bool, list[ClientReply]]] = []
 
     def clients(self, ids, down, parallel=True, program="client_program", per_client=None):
-        # The schedule's side of the link: what goes down (SGLR's gradients) leaves compressed,
-        # what comes up in replies (SGLR's, Ampere's activations) is decoded for the server.
+        # The schedule's side of the link: what goes down leaves compressed, what comes up in
+        # replies is decoded. Bulk payloads (runtime.bulk: SGLR's activations and gradients,
+        # Ampere's transfer) are handles here; the server block or pool that reads them decodes.
         down = self.codec.encode(down)
         if per_client:
             per_client = {c: self.codec.encode(p) for c, p in per_client.items()}

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from sfl_ray.data.partition import ClientShards
+from sfl_ray.runtime import bulk
 from sfl_ray.metrics.device_cost import FlopCache, MemoryTracker, Meter
 from sfl_ray.runtime.codec import decode
 from sfl_ray.runtime.finite import check_client_reply
@@ -24,7 +25,7 @@ from sfl_ray.runtime.faults import ActorLost
 from sfl_ray.runtime.link import DOWN, UP, Ledger, Link, ServerEndpoint
 from sfl_ray.runtime.precision import autocast
 from sfl_ray.runtime.protocol import Algorithm, Blueprint, ClientContext, ClientReply
-from sfl_ray.runtime.wire import pack
+from sfl_ray.runtime.wire import owned, pack
 
 log = logging.getLogger("sfl_ray.pool")
 
@@ -109,6 +110,17 @@ class ClientPool:
         # holding state so far (they are created lazily, on a client's first program).
         return {**where_am_i(), "clients": clients, "client_states": len(self.state), "device": str(self.device)}
 
+    # -- bulk payloads (runtime.bulk); the Ray pool keeps them in the object store ----------
+    def put_bulk(self, stored: dict) -> object:
+        """Store one reply's bulk payloads; returns what a `Bulk` handle refers to. Here the
+        object itself, copied: what the coordinator and server keep must not share the device's
+        storage (as serialisation does on Ray)."""
+        return owned(stored)
+
+    def fetch_bulk(self, refs: list) -> list:
+        """The stored objects `refs` refer to (handles in what this pool is sent)."""
+        return bulk.local_fetch(refs)
+
     def run(self, program: str, client: int, rnd: int, down: dict, measure: str = "exact") -> ClientReply:
         """Run one client's program for one round; failures come back as values. `measure`: exact
         (FLOPs and memory), flops (FLOPs, cached per step shape) or off."""
@@ -116,6 +128,12 @@ class ClientPool:
         if self.servers:
             endpoint = self.servers[client % len(self.servers)]
         ledger = Ledger(count_labels=self.blueprint.count_labels)
+        reply = ClientReply(client=client)
+        try:  # what was sent by reference is fetched here, and counted as it came
+            down = bulk.resolve(down, self.fetch_bulk, decoded=False)
+        except ActorLost as err:  # the server block that stored it died: the round is re-run
+            reply.lost = str(err)
+            return reply
         ledger.record(DOWN, down)
         down = decode(down)  # counted as it came (compressed gradients), used as float32
         tracker = self._open_trackers.pop(client, None) or MemoryTracker()
@@ -123,7 +141,6 @@ class ClientPool:
         ctx = ClientContext(client, rnd, self.blueprint, self.parts, self.data, self.shards[client],
                             Link(endpoint, client, ledger, self.blueprint.codec), self.state[client], tracker,
                             self.device, meter=meter, program=program)
-        reply = ClientReply(client=client)
         try:
             with meter.measuring() as cost:
                 with autocast(self.blueprint.precision, self.device):
@@ -135,6 +152,8 @@ class ClientPool:
             check_client_reply(client, rnd, up, info)  # a NaN loss or upload is this client's error
             up = self.blueprint.codec.encode(up)  # uploaded activations go compressed (link.compression)
             ledger.record(UP, up)
+            if ctx.bulk_kinds:  # counted above as they are; they go on by reference
+                up = bulk.by_reference(up, ctx.bulk_kinds, self.put_bulk)
             reply.up, reply.info = up, dict(info)
             reply.flops, reply.peak_mem_bytes = cost["flops"], cost["peak_mem_bytes"]
             reply.cuda_peak_mem_bytes, reply.saved_tensors = cost["cuda_peak_mem_bytes"], cost["saved_tensors"]

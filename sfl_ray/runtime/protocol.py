@@ -22,6 +22,7 @@ from sfl_ray.config_base import Section
 from sfl_ray.data.batches import client_batches
 from sfl_ray.metrics.device_cost import MemoryTracker, Meter
 from sfl_ray.models.split import ModelParts, build_parts
+from sfl_ray.runtime.bulk import Put, by_reference
 from sfl_ray.runtime.codec import Codec
 from sfl_ray.runtime.link import Link
 from sfl_ray.runtime.wire import to_device
@@ -110,6 +111,13 @@ class ClientContext:
         self._data, self.indices, self._tracker = data, indices, tracker
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.keep_measuring = False
+        self.bulk_kinds: tuple[str, ...] = ()
+
+    def by_reference(self, *kinds: str) -> None:
+        """These upload kinds of this program's reply are bulk: counted on the link as usual, then
+        stored where the server block reads them, the reply carrying `Bulk` handles in their place
+        (runtime.bulk). The schedule passes the handles to `rt.server`, never the arrays."""
+        self.bulk_kinds = tuple(kinds)
 
     @property
     def num_samples(self) -> int:
@@ -200,9 +208,18 @@ class ClientContext:
 class ServerContext:
     """What a server program may use: models built from the blueprint, optimizers, its index."""
 
-    def __init__(self, blueprint: Blueprint, index: int, device: torch.device):
+    def __init__(self, blueprint: Blueprint, index: int, device: torch.device, put: Optional[Put] = None):
         self.blueprint, self.index, self.device = blueprint, index, device
         self.config, self.train = blueprint.algorithm, blueprint.train
+        self._put = put
+
+    def bulk(self, payload: dict) -> dict:
+        """`payload` (kind -> numpy array, already in its wire form) stored as one object, each
+        kind replaced by a `Bulk` handle: what the schedule passes on to clients (`per_client` of
+        `rt.clients`) without holding the arrays. A receiving pool fetches, counts and decodes it."""
+        if self._put is None:
+            return dict(payload)
+        return by_reference(payload, list(payload), self._put)
 
     def build_parts(self) -> ModelParts:
         parts = self.blueprint.build_parts()

@@ -72,6 +72,10 @@ class RayExecutor:
             return ray.get(ref, timeout=self.timeout_s)
         except _LOST as err:
             raise ActorLost(f"{what} lost: {type(err).__name__}") from None
+        except ray.exceptions.RayTaskError as err:
+            if isinstance(err.cause, ActorLost):  # e.g. a bulk payload lost with the pool that stored it
+                raise ActorLost(f"{what}: {err.cause}") from None
+            raise
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"{what} did not answer within cluster.task_timeout_s={self.timeout_s}s") from None
 

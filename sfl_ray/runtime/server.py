@@ -13,11 +13,12 @@ from typing import Any, Optional
 import torch
 from sfl_ray.metrics.device_cost import FlopCache, FlopCounter
 
+from sfl_ray.runtime import bulk
 from sfl_ray.runtime.codec import decode
 from sfl_ray.runtime.pool import where_am_i
 from sfl_ray.runtime.precision import autocast
 from sfl_ray.runtime.protocol import Algorithm, Blueprint, ServerContext
-from sfl_ray.runtime.wire import pack, to_tensor
+from sfl_ray.runtime.wire import owned, pack, to_tensor
 
 log = logging.getLogger("sfl_ray.server")
 
@@ -40,7 +41,7 @@ class ServerBlock:
             raise ValueError(f"algorithm {algorithm_cls.name} has no server half")
         device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.device = device
-        self.program = algorithm_cls.server_cls(ServerContext(blueprint, index, device))
+        self.program = algorithm_cls.server_cls(ServerContext(blueprint, index, device, put=self.put_bulk))
         self.codec = blueprint.codec
         self.precision = blueprint.precision
         self.flops = 0
@@ -82,9 +83,20 @@ class ServerBlock:
         return self.codec.encode(pack(reply)), reply_info
 
     def control(self, method: str, *args: Any) -> Any:
-        """A call from the schedule (server-side work, not on the link)."""
+        """A call from the schedule (server-side work, not on the link). Bulk handles among the
+        arguments (runtime.bulk) are fetched, all at once, and decoded: the program sees arrays."""
         with self.lock:
+            args = bulk.resolve(args, self.fetch_bulk)
             return self._counted(getattr(self.program, method), *args)
+
+    # -- bulk payloads (runtime.bulk); the Ray block reads them from the object store -------
+    def put_bulk(self, stored: dict) -> object:
+        """Store bulk payloads the program hands back; returns what a `Bulk` handle refers to."""
+        return owned(stored)
+
+    def fetch_bulk(self, refs: list) -> list:
+        """The stored objects `refs` refer to."""
+        return bulk.local_fetch(refs)
 
     def pop_flops(self) -> int:
         """FLOPs since the last call (the coordinator reads this once per round)."""

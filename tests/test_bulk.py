@@ -1,0 +1,161 @@
+"""Bulk payloads go once, by reference (runtime.bulk): Ampere's transfer and SGLR's per-iteration
+activations and gradients travel pool <-> server block; the coordinator holds handles only, the
+link counts what it counted before, and the rows are those of the local backend."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sfl_ray.runtime.bulk import Bulk, by_reference, local_fetch, resolve
+from sfl_ray.runtime.codec import Codec, decode_array
+from sfl_ray.runtime.wire import payload_nbytes
+from tests.helpers import local_coordinator, small_config, without_timing
+
+
+def _array_bytes(value: Any) -> int:
+    """Bytes of every numpy array inside `value` (dicts, lists, tuples, replies): what a process
+    holding `value` received of the payloads; a `Bulk` handle holds none."""
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, dict):
+        return sum(_array_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_array_bytes(v) for v in value)
+    if hasattr(value, "up") and hasattr(value, "info"):  # a ClientReply
+        return _array_bytes(value.up) + _array_bytes(value.info)
+    return 0
+
+
+def test_a_handle_carries_what_was_counted_and_resolves_to_the_decoded_array():
+    codec = Codec("int8")
+    a = np.random.default_rng(0).standard_normal((6, 4, 3, 3)).astype(np.float32)
+    y = np.arange(6)
+    wire = codec.encode({"activations": a, "labels": y, "weights": {"w": np.ones(3, np.float32)}})
+    up = by_reference(wire, ["activations", "labels"], dict)
+    h = up["activations"]
+    assert isinstance(h, Bulk) and h.encoded and len(h) == 6 and h.shape == a.shape
+    assert h.nbytes == payload_nbytes(wire["activations"]) < a.nbytes  # the compressed form, as counted
+    assert up["weights"] is wire["weights"] and _array_bytes(up) == 12  # only the bulk kinds are replaced
+    args = resolve(([(up["activations"], up["labels"], 3)], {"y": up["labels"]}), local_fetch)
+    (z, labels, owner), = args[0]
+    np.testing.assert_array_equal(z, decode_array(wire["activations"]))
+    assert labels is wire["labels"] and args[1]["y"] is labels and owner == 3
+    # a receiver that counts before decoding gets the wire form
+    assert resolve({"g": h}, local_fetch, decoded=False)["g"] is wire["activations"]
+
+
+def _ray_coordinator(cfg):
+    from sfl_ray.metrics.evaluate import Evaluator
+    from sfl_ray.metrics.sampling import MeasurePlan
+    from sfl_ray.metrics.writer import RunWriter
+    from sfl_ray.run import prepare
+    from sfl_ray.runtime.coordinator import Coordinator
+    from sfl_ray.runtime.launch import make_blueprint
+    from sfl_ray.runtime.ray_backend import start_actors
+
+    algorithm_cls, data, shards, _ = prepare(cfg)
+    bp = make_blueprint(cfg, data)
+    ex = start_actors(algorithm_cls, bp, data.train_x, data.train_y, shards, cfg.cluster)
+    ev = Evaluator(bp.build_parts(), data.test_x, data.test_y, cfg.train.eval_batch_size, bp.precision)
+    coord = Coordinator(algorithm_cls(bp), ex, ev, RunWriter(cfg.run_dir()),
+                        num_clients=cfg.train.num_clients, clients_per_round=cfg.train.sampled_count(),
+                        stop=cfg.stop, cost_model=cfg.cost_model, seed=cfg.seed,
+                        measure=MeasurePlan.from_config(cfg.metrics, cfg.seed, [len(s) for s in shards],
+                                                        cfg.train.batch_size))
+    return coord, ex
+
+
+class _Watch:
+    """Wraps a Ray executor: the payload arrays the coordinator receives in replies and in server
+    results, and sends as server arguments, by client program / server method."""
+
+    def __init__(self, ex):
+        self.ex, self.received, self.sent, self.handles = ex, {}, {}, []
+        real_run, real_control = ex.run_clients, ex.server_control
+
+        def run_clients(program, *args, **kw):
+            replies = real_run(program, *args, **kw)
+            self.received[program] = self.received.get(program, 0) + sum(_array_bytes(r) for r in replies)
+            self.handles += [v for r in replies for v in r.up.values() if isinstance(v, Bulk)]
+            return replies
+
+        def server_control(index, method, *args):
+            self.sent[method] = self.sent.get(method, 0) + _array_bytes(args)
+            out = real_control(index, method, *args)
+            self.received[method] = self.received.get(method, 0) + _array_bytes(out)
+            return out
+
+        ex.run_clients, ex.server_control = run_clients, server_control
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo, extra", [
+    ("ampere", ["algorithm.server_epochs=1", "link.compression=int8"]),
+    ("sglr", ["algorithm.schedule=table2", "link.compression=bf16"]),
+])
+def test_bulk_payloads_bypass_the_coordinator_and_rows_match_local(ray_cluster, run_dir, algo, extra):
+    import ray
+
+    common = [f"algorithm.name={algo}", "stop.rounds=1", "cluster.num_pools=2", *extra]
+    local, _ = local_coordinator(small_config(run_dir, *common, "output.name=local"))
+    local.run()
+    coord, ex = _ray_coordinator(small_config(run_dir, *common, "cluster.backend=ray", "output.name=ray"))
+    watch = _Watch(ex)
+    try:
+        coord.run()
+    finally:
+        ex.shutdown()
+    rows = coord.writer.rows
+    assert without_timing(rows) == without_timing(local.writer.rows)
+    assert watch.handles and all(isinstance(h.ref, ray.ObjectRef) for h in watch.handles)
+    if algo == "ampere":
+        transfer = rows[1]
+        assert transfer["phase"] == "transfer" and transfer["bytes_by_kind"]["up/activations"] > 0
+        assert sum(h.nbytes for h in watch.handles if h.kind == "activations") == \
+            transfer["bytes_by_kind"]["up/activations"]  # the handles refer to what the link counted
+        assert watch.received["activations_program"] == 0 and watch.sent["set_dataset"] == 0
+    else:
+        counted = rows[0]["bytes_by_kind"]
+        assert counted["up/activations"] > 0 and counted["down/gradients"] > 0
+        assert watch.received["sglr_forward"] == 0 and watch.sent["iteration"] == 0
+        assert watch.received["iteration"] == 0 and watch.received["sglr_backward"] == 0
+
+
+@pytest.mark.slow
+def test_a_transfer_lost_with_its_pool_is_sent_again(ray_cluster, run_dir):
+    """The pool that stored a device's transfer dies before the server block reads it: the object
+    is gone with its owner, the read is a lost actor, and the coordinator re-runs the row."""
+    import ray
+
+    common = ["algorithm.name=ampere", "stop.rounds=1", "algorithm.server_epochs=1", "cluster.num_pools=2"]
+    local, _ = local_coordinator(small_config(run_dir, *common, "output.name=local"))
+    local.run()
+    coord, ex = _ray_coordinator(small_config(run_dir, *common, "cluster.backend=ray", "output.name=ray"))
+    real_control, killed = ex.server_control, []
+
+    def server_control(index, method, *args):
+        if method == "set_dataset" and not killed:
+            pool = ex.pools[0]
+            old = ray.get(pool.ping.remote(), timeout=60)["pid"]
+            ray.kill(pool, no_restart=False)
+            while True:  # until it answers from a new process: the objects' owner is gone
+                try:
+                    if ray.get(pool.ping.remote(), timeout=120)["pid"] != old:
+                        break
+                except ray.exceptions.RayActorError:
+                    time.sleep(0.2)
+            killed.append(old)
+        return real_control(index, method, *args)
+
+    ex.server_control = server_control
+    try:
+        coord.run()
+    finally:
+        ex.shutdown()
+    assert killed and coord.faults == 1 and coord.writer.rows[1]["faults"] == 1
+    strip = [{k: v for k, v in r.items() if k != "faults"} for r in without_timing(coord.writer.rows)]
+    assert strip == [{k: v for k, v in r.items() if k != "faults"} for r in without_timing(local.writer.rows)]
