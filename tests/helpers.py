@@ -26,9 +26,22 @@ def small_config(run_dir: str, *overrides: str) -> ExperimentConfig:
 
 def local_coordinator(cfg: ExperimentConfig) -> tuple[Coordinator, LocalExecutor]:
     """The local backend's pieces, returned so tests can look inside the server blocks."""
+    return _coordinator(cfg, lambda algorithm_cls, bp, data, shards: LocalExecutor(
+        algorithm_cls, bp, data.train_x, data.train_y, shards, cfg.cluster.num_servers))
+
+
+def ray_coordinator(cfg: ExperimentConfig):
+    """The Ray backend's pieces (its actors started), returned so tests can wrap the executor."""
+    from sfl_ray.runtime.ray_backend import start_actors
+
+    return _coordinator(cfg, lambda algorithm_cls, bp, data, shards: start_actors(
+        algorithm_cls, bp, data.train_x, data.train_y, shards, cfg.cluster))
+
+
+def _coordinator(cfg: ExperimentConfig, make_executor):
     algorithm_cls, data, shards, _ = prepare(cfg)
     bp = make_blueprint(cfg, data)
-    ex = LocalExecutor(algorithm_cls, bp, data.train_x, data.train_y, shards, cfg.cluster.num_servers)
+    ex = make_executor(algorithm_cls, bp, data, shards)
     ev = Evaluator(bp.build_parts(), data.test_x, data.test_y, cfg.train.eval_batch_size, bp.precision)
     coord = Coordinator(algorithm_cls(bp), ex, ev, RunWriter(cfg.run_dir()),
                         num_clients=cfg.train.num_clients, clients_per_round=cfg.train.sampled_count(),

@@ -13,7 +13,7 @@ import pytest
 from sfl_ray.runtime.bulk import Bulk, by_reference, local_fetch, resolve
 from sfl_ray.runtime.codec import Codec, decode_array
 from sfl_ray.runtime.wire import payload_nbytes
-from tests.helpers import local_coordinator, small_config, without_timing
+from tests.helpers import local_coordinator, ray_coordinator, small_config, without_timing
 
 
 def _array_bytes(value: Any) -> int:
@@ -46,27 +46,6 @@ def test_a_handle_carries_what_was_counted_and_resolves_to_the_decoded_array():
     assert labels is wire["labels"] and args[1]["y"] is labels and owner == 3
     # a receiver that counts before decoding gets the wire form
     assert resolve({"g": h}, local_fetch, decoded=False)["g"] is wire["activations"]
-
-
-def _ray_coordinator(cfg):
-    from sfl_ray.metrics.evaluate import Evaluator
-    from sfl_ray.metrics.sampling import MeasurePlan
-    from sfl_ray.metrics.writer import RunWriter
-    from sfl_ray.run import prepare
-    from sfl_ray.runtime.coordinator import Coordinator
-    from sfl_ray.runtime.launch import make_blueprint
-    from sfl_ray.runtime.ray_backend import start_actors
-
-    algorithm_cls, data, shards, _ = prepare(cfg)
-    bp = make_blueprint(cfg, data)
-    ex = start_actors(algorithm_cls, bp, data.train_x, data.train_y, shards, cfg.cluster)
-    ev = Evaluator(bp.build_parts(), data.test_x, data.test_y, cfg.train.eval_batch_size, bp.precision)
-    coord = Coordinator(algorithm_cls(bp), ex, ev, RunWriter(cfg.run_dir()),
-                        num_clients=cfg.train.num_clients, clients_per_round=cfg.train.sampled_count(),
-                        stop=cfg.stop, cost_model=cfg.cost_model, seed=cfg.seed,
-                        measure=MeasurePlan.from_config(cfg.metrics, cfg.seed, [len(s) for s in shards],
-                                                        cfg.train.batch_size))
-    return coord, ex
 
 
 class _Watch:
@@ -103,7 +82,7 @@ def test_bulk_payloads_bypass_the_coordinator_and_rows_match_local(ray_cluster, 
     common = [f"algorithm.name={algo}", "stop.rounds=1", "cluster.num_pools=2", *extra]
     local, _ = local_coordinator(small_config(run_dir, *common, "output.name=local"))
     local.run()
-    coord, ex = _ray_coordinator(small_config(run_dir, *common, "cluster.backend=ray", "output.name=ray"))
+    coord, ex = ray_coordinator(small_config(run_dir, *common, "cluster.backend=ray", "output.name=ray"))
     watch = _Watch(ex)
     try:
         coord.run()
@@ -134,7 +113,7 @@ def test_a_transfer_lost_with_its_pool_is_sent_again(ray_cluster, run_dir):
     common = ["algorithm.name=ampere", "stop.rounds=1", "algorithm.server_epochs=1", "cluster.num_pools=2"]
     local, _ = local_coordinator(small_config(run_dir, *common, "output.name=local"))
     local.run()
-    coord, ex = _ray_coordinator(small_config(run_dir, *common, "cluster.backend=ray", "output.name=ray"))
+    coord, ex = ray_coordinator(small_config(run_dir, *common, "cluster.backend=ray", "output.name=ray"))
     real_control, killed = ex.server_control, []
 
     def server_control(index, method, *args):
