@@ -68,6 +68,30 @@ def test_pools_take_fractional_gpus_and_servers_whole_ones(ray_cluster, run_dir)
         ex.shutdown()
 
 
+def test_back_to_back_runs_on_a_full_gpu_node_each_find_a_whole_gpu_for_the_server(ray_cluster, run_dir):
+    """Two pools of 0.5 GPU and a server block of 1 GPU fill the 2-GPU node. When the next run
+    was placed while the last one's GPUs were still being released, its pools could land on both
+    GPUs and its server block waited forever (a CI failure): shutdown returns only when the
+    cluster has every CPU and GPU back."""
+    import ray
+
+    from sfl_ray.runtime.ray_backend import start_actors
+
+    cfg = small_config(run_dir, "algorithm.name=splitfed_v2", "cluster.num_pools=2", "cluster.client_gpus=0.5",
+                       "cluster.server_gpus=1", "cluster.pool_cpus=0.5", "cluster.server_cpus=0.5",
+                       "cluster.task_timeout_s=60", "train.num_clients=4")
+    algorithm_cls, data, shards, _ = prepare(cfg)
+    bp = make_blueprint(cfg, data)
+    idle = ray.available_resources()
+    for _ in range(3):
+        ex = start_actors(algorithm_cls, bp, data.train_x, data.train_y, shards, cfg.cluster)
+        assert ex.held_resources() == {"CPU": 1.5, "GPU": 2.0}
+        assert ray.available_resources().get("GPU", 0.0) == pytest.approx(idle["GPU"] - 2.0)
+        ex.shutdown()
+        back = ray.available_resources()
+        assert (back["CPU"], back["GPU"]) == (pytest.approx(idle["CPU"]), pytest.approx(idle["GPU"]))
+
+
 def test_a_request_the_cluster_cannot_hold_is_refused_before_any_actor(ray_cluster):
     from sfl_ray.config import ClusterConfig
     from sfl_ray.runtime.ray_backend import plan_topology

@@ -210,9 +210,31 @@ class RayExecutor:
         return {"pools": ray.get([p.ping.remote() for p in self.pools], timeout=self.timeout_s),
                 "servers": ray.get([s.ping.remote() for s in self.servers], timeout=self.timeout_s)}
 
-    def shutdown(self) -> None:
+    def held_resources(self) -> dict:
+        """The CPUs and GPUs this executor's pools and server blocks hold."""
+        if self.cluster is None:
+            return {}
+        c, n = self.cluster, len(self.pools)
+        return {"CPU": n * c.pool_cpus + self.num_servers * c.server_cpus,
+                "GPU": n * c.client_gpus + self.num_servers * c.server_gpus}
+
+    def shutdown(self, wait_s: float = 10.0) -> None:
+        """Kill the pools and server blocks, then wait (at most wait_s) until the cluster has their
+        CPUs and GPUs back. Without the wait, a run started right after (compare, sweeps) is placed
+        while GPUs are half released: its fractional pools land on two GPUs and leave no whole GPU
+        for its server block, which then waits forever."""
+        held = {k: v for k, v in self.held_resources().items() if v > 0}
+        before = ray.available_resources() if held else {}
         for a in self.pools + self.servers:
             ray.kill(a)
+        end = time.time() + wait_s
+        while held and time.time() < end:
+            now = ray.available_resources()
+            if all(now.get(k, 0.0) >= before.get(k, 0.0) + v - 1e-6 for k, v in held.items()):
+                return
+            time.sleep(0.05)
+        if held:
+            log.warning("the cluster had not given back %s of the killed actors within %ss", held, wait_s)
 
 
 def plan_topology(cluster, num_clients: int, needs_server: bool) -> tuple[int, int]:
