@@ -72,3 +72,33 @@ def test_a_server_error_reaches_the_client_through_the_channel(ray_cluster, run_
         assert "server block 0 failed in 'train_step'" in bad and down
     finally:
         ex.shutdown()
+
+
+def test_a_sequential_round_on_channels_runs_in_turns_with_the_numbers_of_one_by_one(ray_cluster, run_dir):
+    """SplitFed v2 is sequential: one client at a time at the server block. On channels every pool
+    gets its clients at once and the block serves them in turns (runtime.turns); on actor calls
+    the coordinator calls one client after another. Same rows, and the turns were taken."""
+    from sfl_ray.metrics.evaluate import Evaluator
+    from sfl_ray.metrics.writer import RunWriter
+    from sfl_ray.runtime.coordinator import Coordinator
+    from sfl_ray.runtime.ray_backend import start_actors
+
+    rows, passed = {}, {}
+    for exchange in ("channels", "actor_calls"):
+        cfg = small_config(run_dir, "algorithm.name=splitfed_v2", "train.optimizer=adam", "train.lr=0.001",
+                           "train.num_clients=6", "train.clients_per_round=5", f"output.name=turns-{exchange}",
+                           *ON_ONE_NODE, f"cluster.exchange={exchange}")
+        algorithm_cls, data, shards, _ = prepare(cfg)
+        bp = make_blueprint(cfg, data)
+        ex = start_actors(algorithm_cls, bp, data.train_x, data.train_y, shards, cfg.cluster)
+        try:
+            coord = Coordinator(algorithm_cls(bp), ex, Evaluator(bp.build_parts(), data.test_x, data.test_y, 500),
+                                RunWriter(cfg.run_dir()), num_clients=6, clients_per_round=5, stop=cfg.stop,
+                                cost_model=cfg.cost_model, seed=cfg.seed)
+            summary = coord.run()
+            passed[exchange] = ex.placement()["servers"][0]["turns_passed"]
+        finally:
+            ex.shutdown()
+        rows[exchange] = without_timing(_rows(cfg))
+    assert rows["channels"] == rows["actor_calls"]
+    assert passed == {"channels": 5 * summary["rounds"], "actor_calls": 0}

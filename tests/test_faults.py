@@ -77,6 +77,29 @@ def test_a_killed_actor_is_recovered_with_the_same_metrics(tmp_path, ray_cluster
 
 
 @pytest.mark.slow
+def test_a_pool_killed_during_a_round_in_turns_is_recovered_with_the_same_metrics(tmp_path, ray_cluster, monkeypatch):
+    """SplitFed v2 with every pool on the server block's node runs its rounds in turns
+    (runtime.turns): a pool killed mid-round leaves the other pool waiting for a turn that never
+    comes; the abandoned sequence must release it, and the re-run give the same rows."""
+    import ray
+
+    import sfl_ray.runtime.ray_backend as rb
+
+    pids = {}
+    real_start = rb.start_actors
+
+    def capture(*a, **k):
+        ex = real_start(*a, **k)
+        assert ex.links == {"channels": 2, "actor_calls": 0}
+        pids["pool"] = ray.get(ex.pools[1].ping.remote())["pid"]
+        return ex
+
+    monkeypatch.setattr(rb, "start_actors", capture)
+    on_one_node = ["cluster.client_gpus=0.5", "cluster.server_gpus=1", "cluster.pool_cpus=0.5", "cluster.server_cpus=0.5"]
+    _same_metrics_despite_a_kill(tmp_path, BASE + ["algorithm.name=splitfed_v2", *on_one_node], lambda p: pids["pool"])
+
+
+@pytest.mark.slow
 def test_a_killed_coordinator_is_recovered_from_its_last_checkpoint(tmp_path, ray_cluster):
     """The coordinator's process dies mid-run: the driver starts a new one from the last
     checkpoint (pools and server blocks restored from it too) and the run ends as without it."""

@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, Optional
 
 import ray
 from ray.experimental.channel.shared_memory_channel import Channel
@@ -27,6 +27,7 @@ from ray.experimental.channel.shared_memory_channel import Channel
 from sfl_ray.runtime.faults import ActorLost
 from sfl_ray.runtime.pool import ClientPool
 from sfl_ray.runtime.server import ServerBlock
+from sfl_ray.runtime.turns import PASS_TURN
 from sfl_ray.runtime.wire import owned
 
 log = logging.getLogger("sfl_ray.channels")
@@ -83,13 +84,21 @@ class ChannelEndpoint:
             except _CLOSED:
                 raise ActorLost(f"server block {self.index}: its channel closed during {method!r}") from None
 
+    seq: Optional[int] = None  # the sequence (runtime.turns) the current client's requests belong to
+
     def call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
-        self._wait(lambda t: self.request.write((method, client, arrays, info), timeout=t), method, client)
+        self._wait(lambda t: self.request.write((method, client, arrays, info, self.seq), timeout=t), method, client)
         status, *body = self._wait(lambda t: self.reply.read(timeout=t), method, client)
         if status == "error":
             raise RuntimeError(f"server block {self.index} failed in {method!r}:\n{body[0]}")
+        if status == "lost":  # the sequence was abandoned (a lost actor elsewhere): the round re-runs
+            raise ActorLost(f"server block {self.index}: {body[0]}")
         reply, reply_info = body
         return owned(reply), reply_info  # out of the reply buffer: receivers keep what they get
+
+    def pass_turn(self, client: int) -> None:
+        """`client`'s program has returned: the next client's turn at this block."""
+        self.call(PASS_TURN, client, {}, {})
 
 
 class ChannelClientPool(ClientPool):
@@ -162,11 +171,13 @@ class ChannelServerBlock(ServerBlock):
             reply.ensure_registered_as_writer()
             while True:
                 msg = request.read()
-                method, client, arrays, info = msg
+                method, client, arrays, info, seq = msg
                 arrays = owned(arrays)  # out of the request buffer: the next message reuses it
                 del msg  # release the request buffer before the (long) server step
                 try:
-                    out = ("ok", *self.call(method, client, arrays, info))
+                    out = ("ok", *self.call(method, client, arrays, info, seq))
+                except ActorLost as err:
+                    out = ("lost", str(err))
                 except Exception:  # noqa: BLE001 - the client program raises it, as an actor call would
                     out = ("error", traceback.format_exc())
                 reply.write(out)

@@ -121,6 +121,33 @@ class ClientPool:
         """The stored objects `refs` refer to (handles in what this pool is sent)."""
         return bulk.local_fetch(refs)
 
+    def run_many(self, program: str, clients: Sequence[int], rnd: int, down: dict, per_client: Mapping[int, dict],
+                 measure: Sequence[str], seq: Optional[int] = None) -> list[ClientReply]:
+        """`run` for several clients, one after another (a dispatch sends a pool its share of the
+        round in a few calls); `per_client` adds to `down` what only one client gets. With `seq`,
+        the clients take turns at their server block (runtime.turns): each passes its turn when
+        its program returns."""
+        out = []
+        for c, m in zip(clients, measure):
+            endpoint = self.servers[c % len(self.servers)] if seq is not None else None
+            if endpoint is not None:
+                endpoint.seq = seq
+            try:
+                reply = self.run(program, c, rnd, {**down, **per_client[c]} if c in per_client else down, m)
+            finally:
+                if endpoint is not None:
+                    endpoint.seq = None
+            if endpoint is not None:
+                try:
+                    endpoint.seq = seq
+                    endpoint.pass_turn(c)
+                except ActorLost as err:
+                    reply.lost = reply.lost or str(err)
+                finally:
+                    endpoint.seq = None
+            out.append(reply)
+        return out
+
     def run(self, program: str, client: int, rnd: int, down: dict, measure: str = "exact") -> ClientReply:
         """Run one client's program for one round; failures come back as values. `measure`: exact
         (FLOPs and memory), flops (FLOPs, cached per step shape) or off."""

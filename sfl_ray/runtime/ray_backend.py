@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -23,6 +24,7 @@ from sfl_ray.runtime.protocol import ClientReply
 log = logging.getLogger("sfl_ray.ray")
 
 
+CHUNKS_PER_POOL = 4  # calls per pool in a parallel dispatch (progress and deadlines move per call)
 FIRST_WAIT_S = 600.0  # a wait's deadline before any client call has been timed (cluster.task_timeout_s unset)
 
 # Errors that mean "the actor's process is gone" (it is restarted, with its state lost).
@@ -94,6 +96,18 @@ class RayExecutor:
         def who(c: int) -> str:
             return f"client pool {c % len(self.pools)} (running client {c}, round {rnd}, {program})"
 
+        if not parallel and self._in_turns(clients):
+            # Unique across coordinators: a recovered one must not resume a dead one's sequence.
+            seq, n = int.from_bytes(os.urandom(7), "little"), len(self.servers)
+            for j, server in enumerate(self.servers):
+                self._get(server.begin_turns.remote(seq, [c for c in clients if c % n == j]), f"server block {j}")
+            try:
+                return self._dispatch(program, clients, rnd, shared, per_client, how, who, on_done, seq)
+            finally:  # releases a pool still waiting for a turn if the round was abandoned
+                try:
+                    ray.get([s.end_turns.remote(seq) for s in self.servers], timeout=self.timeout_s)
+                except (*_LOST, ray.exceptions.GetTimeoutError):
+                    pass  # a lost block holds no turns; the round's own error is the one to report
         if not parallel:
             out = []
             for c in clients:
@@ -105,26 +119,49 @@ class RayExecutor:
                 if r.error or r.lost:
                     break  # a sequential schedule cannot go on past a failed client
             return out
+        return self._dispatch(program, clients, rnd, shared, per_client, how, who, on_done)
+
+    def _in_turns(self, clients: Sequence[int]) -> bool:
+        """A sequential dispatch runs on every pool at once, in turns at the server blocks
+        (runtime.turns), where every pool reaches every block through channels: a block's
+        channel threads wait for turns, while its one actor thread could not."""
+        return len(clients) > 1 and bool(self.servers) and self.links.get("actor_calls", 1) == 0
+
+    def _dispatch(self, program, clients, rnd, shared, per_client, how, who, on_done, seq=None) -> list[ClientReply]:
+        """Every pool gets its share of `clients` (in their order) in a few calls (CHUNKS_PER_POOL),
+        not a call per client: a call costs the coordinator, the raylet and the pool milliseconds
+        of CPU, taken from the cores the clients train on."""
         t0 = time.perf_counter()
-        refs = {self._pool(c).run.remote(program, c, rnd, payload(c), how(c)): i for i, c in enumerate(clients)}
-        # A pool runs its clients one after another: a call's share of the wait is the time since
+        chunks: dict = {}
+        for pool_index in range(len(self.pools)):
+            mine = [i for i, c in enumerate(clients) if c % len(self.pools) == pool_index]
+            size = max(1, math.ceil(len(mine) / CHUNKS_PER_POOL))
+            for k in range(0, len(mine), size):
+                part = mine[k:k + size]
+                ids = [clients[i] for i in part]
+                extra = {c: per_client[c] for c in ids if per_client and c in per_client}
+                ref = self.pools[pool_index].run_many.remote(program, ids, rnd, shared, extra, [how(c) for c in ids], seq)
+                chunks[ref] = part
+        # A pool runs its calls one after another: a call's share of the wait is the time since
         # its pool's previous reply.
         last_reply: dict[int, float] = {}
         results: list[Optional[ClientReply]] = [None] * len(clients)
-        pending = list(refs)
+        pending = list(chunks)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=self.timeout_s)
             if not ready:
-                late = sorted(clients[refs[p]] for p in pending)
+                late = sorted(clients[i] for p in pending for i in chunks[p])
                 raise TimeoutError(f"round {rnd}: clients {late[:10]} (on pools "
                                    f"{sorted({c % len(self.pools) for c in late})}) did not reply within "
                                    f"cluster.task_timeout_s={self.timeout_s}s")
-            r = self._get(ready[0], who(clients[refs[ready[0]]]))
-            now, pool = time.perf_counter(), clients[refs[ready[0]]] % len(self.pools)
+            part = chunks[ready[0]]
+            replies = self._get(ready[0], who(clients[part[0]]))
+            now, pool = time.perf_counter(), clients[part[0]] % len(self.pools)
             self.longest_call_s = max(self.longest_call_s, now - last_reply.get(pool, t0))
             last_reply[pool] = now
-            results[refs[ready[0]]] = r
-            on_done(r)
+            for i, r in zip(part, replies):
+                results[i] = r
+                on_done(r)
         return results  # type: ignore[return-value]
 
     def connect(self) -> dict:

@@ -18,6 +18,7 @@ from sfl_ray.runtime.codec import decode
 from sfl_ray.runtime.pool import where_am_i
 from sfl_ray.runtime.precision import autocast
 from sfl_ray.runtime.protocol import Algorithm, Blueprint, ServerContext
+from sfl_ray.runtime.turns import PASS_TURN, TurnGate
 from sfl_ray.runtime.wire import owned, pack, to_tensor
 
 log = logging.getLogger("sfl_ray.server")
@@ -50,6 +51,7 @@ class ServerBlock:
         # Requests may arrive on channel threads (runtime.channels) besides the actor's own
         # thread: the program runs one request or control call at a time, in arrival order.
         self.lock = threading.RLock()
+        self.turns = TurnGate()  # a sequential round run by every pool at once (runtime.turns)
 
     def _counted(self, fn, *args: Any, key: Optional[tuple] = None) -> Any:
         with autocast(self.precision, self.device):
@@ -68,11 +70,24 @@ class ServerBlock:
             self.flop_cache.flops[key] = counter.flops
         return out
 
-    def call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
+    def call(self, method: str, client: int, arrays: dict, info: dict, seq: Optional[int] = None) -> tuple[dict, dict]:
         """A request from a client over the link: compressed activations are decoded here, and
-        the reply's gradients compressed (link.compression)."""
+        the reply's gradients compressed (link.compression). A request of sequence `seq` waits
+        for its client's turn (runtime.turns), outside the lock, so that the turn can come."""
+        if seq is not None:
+            if method == PASS_TURN:
+                self.turns.pass_turn(seq, client)
+                return {}, {}
+            self.turns.wait_turn(seq, client)
         with self.lock:
             return self._call(method, client, arrays, info)
+
+    def begin_turns(self, seq: int, order: list[int]) -> None:
+        """Sequence `seq`: serve these clients' requests in this order."""
+        self.turns.begin(seq, order)
+
+    def end_turns(self, seq: int) -> None:
+        self.turns.end(seq)
 
     def _call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
         fn = getattr(self.program, method)
@@ -105,4 +120,4 @@ class ServerBlock:
         return f
 
     def ping(self) -> dict:
-        return {**where_am_i(), "device": str(self.device)}
+        return {**where_am_i(), "device": str(self.device), "turns_passed": self.turns.passed}
