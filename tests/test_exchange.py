@@ -7,7 +7,7 @@ import pytest
 
 from sfl_ray.run import prepare
 from sfl_ray.runtime.launch import make_blueprint, run_experiment
-from tests.helpers import small_config, without_timing
+from tests.helpers import ray_coordinator, small_config, without_timing
 
 pytestmark = pytest.mark.slow  # starts Ray actors
 
@@ -78,23 +78,13 @@ def test_a_sequential_round_on_channels_runs_in_turns_with_the_numbers_of_one_by
     """SplitFed v2 is sequential: one client at a time at the server block. On channels every pool
     gets its clients at once and the block serves them in turns (runtime.turns); on actor calls
     the coordinator calls one client after another. Same rows, and the turns were taken."""
-    from sfl_ray.metrics.evaluate import Evaluator
-    from sfl_ray.metrics.writer import RunWriter
-    from sfl_ray.runtime.coordinator import Coordinator
-    from sfl_ray.runtime.ray_backend import start_actors
-
     rows, passed = {}, {}
     for exchange in ("channels", "actor_calls"):
         cfg = small_config(run_dir, "algorithm.name=splitfed_v2", "train.optimizer=adam", "train.lr=0.001",
                            "train.num_clients=6", "train.clients_per_round=5", f"output.name=turns-{exchange}",
                            *ON_ONE_NODE, f"cluster.exchange={exchange}")
-        algorithm_cls, data, shards, _ = prepare(cfg)
-        bp = make_blueprint(cfg, data)
-        ex = start_actors(algorithm_cls, bp, data.train_x, data.train_y, shards, cfg.cluster)
+        coord, ex = ray_coordinator(cfg)
         try:
-            coord = Coordinator(algorithm_cls(bp), ex, Evaluator(bp.build_parts(), data.test_x, data.test_y, 500),
-                                RunWriter(cfg.run_dir()), num_clients=6, clients_per_round=5, stop=cfg.stop,
-                                cost_model=cfg.cost_model, seed=cfg.seed)
             summary = coord.run()
             passed[exchange] = ex.placement()["servers"][0]["turns_passed"]
         finally:

@@ -35,6 +35,20 @@ def _rows(cfg) -> list[dict]:
     return [{k: v for k, v in json.loads(x).items() if k not in IGNORE} for x in lines]
 
 
+def _on_start(monkeypatch, look) -> None:
+    """Call `look(executor)` on every executor start_actors makes in this process (the driver)."""
+    import sfl_ray.runtime.ray_backend as rb
+
+    real_start = rb.start_actors
+
+    def start(*a, **k):
+        ex = real_start(*a, **k)
+        look(ex)
+        return ex
+
+    monkeypatch.setattr(rb, "start_actors", start)
+
+
 def _same_metrics_despite_a_kill(tmp_path, common: list[str], pid_of) -> None:
     """Run `common` on the local backend (no fault) and on Ray, killing the process `pid_of(progress)`
     names once round 2 or 3 is under way (the driver polls the coordinator about every second);
@@ -62,17 +76,9 @@ def _same_metrics_despite_a_kill(tmp_path, common: list[str], pid_of) -> None:
 def test_a_killed_actor_is_recovered_with_the_same_metrics(tmp_path, ray_cluster, monkeypatch, algo, victim):
     import ray
 
-    import sfl_ray.runtime.ray_backend as rb
-
     pids = {}
-    real_start = rb.start_actors
-
-    def capture(*a, **k):
-        ex = real_start(*a, **k)
-        pids.update(pool=ray.get(ex.pools[0].ping.remote())["pid"], server=ray.get(ex.servers[0].ping.remote())["pid"])
-        return ex
-
-    monkeypatch.setattr(rb, "start_actors", capture)
+    _on_start(monkeypatch, lambda ex: pids.update(pool=ray.get(ex.pools[0].ping.remote())["pid"],
+                                                   server=ray.get(ex.servers[0].ping.remote())["pid"]))
     _same_metrics_despite_a_kill(tmp_path, BASE + [f"algorithm.name={algo}", *ALGO[algo]], lambda p: pids[victim])
 
 
@@ -83,18 +89,13 @@ def test_a_pool_killed_during_a_round_in_turns_is_recovered_with_the_same_metric
     comes; the abandoned sequence must release it, and the re-run give the same rows."""
     import ray
 
-    import sfl_ray.runtime.ray_backend as rb
-
     pids = {}
-    real_start = rb.start_actors
 
-    def capture(*a, **k):
-        ex = real_start(*a, **k)
+    def look(ex):
         assert ex.links == {"channels": 2, "actor_calls": 0}
         pids["pool"] = ray.get(ex.pools[1].ping.remote())["pid"]
-        return ex
 
-    monkeypatch.setattr(rb, "start_actors", capture)
+    _on_start(monkeypatch, look)
     on_one_node = ["cluster.client_gpus=0.5", "cluster.server_gpus=1", "cluster.pool_cpus=0.5", "cluster.server_cpus=0.5"]
     _same_metrics_despite_a_kill(tmp_path, BASE + ["algorithm.name=splitfed_v2", *on_one_node], lambda p: pids["pool"])
 

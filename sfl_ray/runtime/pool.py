@@ -129,31 +129,31 @@ class ClientPool:
         its program returns."""
         out = []
         for c, m in zip(clients, measure):
-            endpoint = self.servers[c % len(self.servers)] if seq is not None else None
-            if endpoint is not None:
-                endpoint.seq = seq
+            payload = {**down, **per_client[c]} if c in per_client else down
+            if seq is None:
+                out.append(self.run(program, c, rnd, payload, m))
+                continue
+            endpoint = self._endpoint(c)
+            endpoint.seq = seq
             try:
-                reply = self.run(program, c, rnd, {**down, **per_client[c]} if c in per_client else down, m)
-            finally:
-                if endpoint is not None:
-                    endpoint.seq = None
-            if endpoint is not None:
+                reply = self.run(program, c, rnd, payload, m)
                 try:
-                    endpoint.seq = seq
                     endpoint.pass_turn(c)
                 except ActorLost as err:
                     reply.lost = reply.lost or str(err)
-                finally:
-                    endpoint.seq = None
+            finally:
+                endpoint.seq = None
             out.append(reply)
         return out
+
+    def _endpoint(self, client: int) -> Optional[ServerEndpoint]:
+        """The server block `client` talks to (None without server blocks)."""
+        return self.servers[client % len(self.servers)] if self.servers else None
 
     def run(self, program: str, client: int, rnd: int, down: dict, measure: str = "exact") -> ClientReply:
         """Run one client's program for one round; failures come back as values. `measure`: exact
         (FLOPs and memory), flops (FLOPs, cached per step shape) or off."""
-        endpoint: Optional[ServerEndpoint] = None
-        if self.servers:
-            endpoint = self.servers[client % len(self.servers)]
+        endpoint = self._endpoint(client)
         ledger = Ledger(count_labels=self.blueprint.count_labels)
         reply = ClientReply(client=client)
         try:  # what was sent by reference is fetched here, and counted as it came

@@ -57,8 +57,8 @@ class TurnGate:
 
     def pass_turn(self, seq: int, client: int) -> None:
         """`client` is done with this block: the next client's turn (after its own came)."""
-        self.wait_turn(seq, client)
-        with self._cond:
+        with self._cond:  # re-entrant: the turn cannot move between the wait and the pass
+            self.wait_turn(seq, client)
             self._turn += 1
             self.passed += 1
             self._cond.notify_all()
