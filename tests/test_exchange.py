@@ -54,6 +54,37 @@ def test_channels_give_the_numbers_of_actor_calls_and_of_the_local_backend(ray_c
     assert rows["channels"][0]["bytes_up"] > 0
 
 
+def test_an_idle_server_block_sleeps_on_its_channels(ray_cluster, run_dir):
+    """Ray's channel read polls; each of the block's channel threads waits on a doorbell instead.
+    Two pools' threads waiting for requests must leave the cores to the clients."""
+    import time
+
+    import numpy as np
+    import psutil
+    import ray
+
+    from sfl_ray.runtime.ray_backend import start_actors
+
+    cfg = small_config(run_dir, "algorithm.name=splitfed_v2", *ON_ONE_NODE)
+    algorithm_cls, data, shards, _ = prepare(cfg)
+    ex = start_actors(algorithm_cls, make_blueprint(cfg, data), data.train_x, data.train_y, shards, cfg.cluster)
+    try:
+        assert ex.links["channels"] == 2
+        block = psutil.Process(ex.placement()["servers"][0]["pid"])
+        time.sleep(0.5)  # past start-up
+        before, t0 = block.cpu_times(), time.monotonic()
+        time.sleep(2.0)
+        after, wall = block.cpu_times(), time.monotonic() - t0
+        busy = (after.user + after.system) - (before.user + before.system)
+        assert busy < 0.15 * wall, f"idle server block used {busy:.2f} CPU-s in {wall:.1f} s"
+        # and a sleeping thread still answers (here the server program's error for a malformed request)
+        answer = ray.get(ex.pools[1].call_server.remote(0, "train_step", {"activations": np.zeros((2, 3), np.float32),
+                                                                          "labels": np.zeros(2, np.int64)}))
+        assert "server block 0 failed in 'train_step'" in answer
+    finally:
+        ex.shutdown()
+
+
 def test_a_server_error_reaches_the_client_through_the_channel(ray_cluster, run_dir):
     import numpy as np
     import ray

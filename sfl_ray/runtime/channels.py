@@ -8,6 +8,8 @@ graph would use do fit: the pool writes a request (numpy arrays, serialised out 
 zero-copy), a thread in the server block reads it, runs the server program under the block's
 lock and writes the reply. A round trip costs a memory copy and a wake-up instead of a task
 submission (see bench/transfer.py). Pools and server blocks on different nodes keep actor calls.
+A reader sleeps on a doorbell (runtime.bell) until its message is there: Ray's channel read
+polls, and a poller per waiting thread would take the cores the clients train on.
 
 These are the Ray backend's actor classes: they also keep bulk payloads (runtime.bulk) in the
 object store, so that the coordinator passes references, never the arrays.
@@ -24,6 +26,7 @@ from typing import Any, Optional
 import ray
 from ray.experimental.channel.shared_memory_channel import Channel
 
+from sfl_ray.runtime.bell import Bell
 from sfl_ray.runtime.faults import ActorLost
 from sfl_ray.runtime.pool import ClientPool
 from sfl_ray.runtime.server import ServerBlock
@@ -59,9 +62,11 @@ def fetch_bulk(refs: list) -> list:
 class ChannelEndpoint:
     """A pool's way to a server block on its node, through a channel pair."""
 
-    def __init__(self, request: Channel, reply: Channel, server: Any, server_pid: int, index: int, timeout_s: float):
+    def __init__(self, request: Channel, reply: Channel, server: Any, server_pid: int, index: int, timeout_s: float,
+                 request_bell: Bell, reply_bell: Bell):
         self.request, self.reply, self.server = request, reply, server
         self.server_pid, self.index, self.timeout_s = server_pid, index, timeout_s
+        self.request_bell, self.reply_bell = request_bell, reply_bell.listen()
 
     def _check_alive(self, method: str) -> None:
         try:
@@ -84,10 +89,24 @@ class ChannelEndpoint:
             except _CLOSED:
                 raise ActorLost(f"server block {self.index}: its channel closed during {method!r}") from None
 
+    def _wait_for_reply(self, method: str, client: int) -> None:
+        end = time.monotonic() + self.timeout_s
+        while not self.reply_bell.wait(min(POLL_S, max(0.0, end - time.monotonic()))):
+            self._check_alive(method)
+            if time.monotonic() >= end:
+                raise TimeoutError(f"server block {self.index} did not answer {method!r} from client {client} "
+                                   f"within cluster.task_timeout_s={self.timeout_s}s")
+
     seq: Optional[int] = None  # the sequence (runtime.turns) the current client's requests belong to
 
     def call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
         self._wait(lambda t: self.request.write((method, client, arrays, info, self.seq), timeout=t), method, client)
+        try:
+            self.request_bell.ring()
+        except OSError:  # nobody listens: the block's process is gone
+            self._check_alive(method)
+            raise ActorLost(f"server block {self.index} stopped listening during {method!r}") from None
+        self._wait_for_reply(method, client)
         status, *body = self._wait(lambda t: self.reply.read(timeout=t), method, client)
         if status == "error":
             raise RuntimeError(f"server block {self.index} failed in {method!r}:\n{body[0]}")
@@ -115,11 +134,15 @@ class ChannelClientPool(ClientPool):
         return Channel(_me(), [(server, server_node)], BUFFER_BYTES)
 
     def use_channels(self, index: int, request: Channel, reply: Channel, server: Any, server_pid: int,
-                     timeout_s: float) -> None:
-        """Reach server block `index` through this channel pair from now on."""
+                     timeout_s: float, request_bell: Bell, reply_bell: Bell) -> None:
+        """Reach server block `index` through this channel pair (and their bells) from now on."""
         request.ensure_registered_as_writer()
         reply.ensure_registered_as_reader()
-        self.servers[index] = ChannelEndpoint(request, reply, server, server_pid, index, timeout_s)
+        old = self.servers[index]
+        if isinstance(old, ChannelEndpoint):
+            old.reply_bell.close()
+        self.servers[index] = ChannelEndpoint(request, reply, server, server_pid, index, timeout_s,
+                                              request_bell, reply_bell)
 
     def call_server(self, index: int, method: str, arrays: dict) -> str:
         """Send one request to server block `index` the way clients do; the reply's kinds, or the
@@ -136,7 +159,7 @@ class ChannelServerBlock(ServerBlock):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._serving: dict[int, tuple[Channel, Channel, threading.Thread]] = {}
+        self._serving: dict[int, tuple[Channel, Channel, Bell]] = {}
 
     def put_bulk(self, stored: dict) -> Any:
         return put_bulk(stored)
@@ -148,7 +171,7 @@ class ChannelServerBlock(ServerBlock):
         """The channel this block writes replies to, read by `pool`."""
         return Channel(_me(), [(pool, pool_node)], BUFFER_BYTES)
 
-    def serve(self, pool_index: int, request: Channel, reply: Channel) -> int:
+    def serve(self, pool_index: int, request: Channel, reply: Channel, request_bell: Bell, reply_bell: Bell) -> int:
         """Answer pool `pool_index`'s requests from now on (ending the thread that served an earlier
         incarnation of that pool); returns this process's id, which the pool watches."""
         import os
@@ -159,17 +182,24 @@ class ChannelServerBlock(ServerBlock):
                     ch.close()  # the old thread's read fails and it ends
                 except Exception:  # noqa: BLE001 - a channel of a dead process may not close cleanly
                     pass
-        t = threading.Thread(target=self._serve_loop, args=(pool_index, request, reply), daemon=True,
-                             name=f"sfl-channel-{pool_index}")
-        self._serving[pool_index] = (request, reply, t)
+            try:
+                old[2].ring()  # wake it to find its channel closed
+            except OSError:
+                pass
+        request_bell.listen()  # before the pool can ring it
+        t = threading.Thread(target=self._serve_loop, args=(pool_index, request, reply, request_bell, reply_bell),
+                             daemon=True, name=f"sfl-channel-{pool_index}")
+        self._serving[pool_index] = (request, reply, request_bell)
         t.start()
         return os.getpid()
 
-    def _serve_loop(self, pool_index: int, request: Channel, reply: Channel) -> None:
+    def _serve_loop(self, pool_index: int, request: Channel, reply: Channel, request_bell: Bell,
+                    reply_bell: Bell) -> None:
         try:
             request.ensure_registered_as_reader()
             reply.ensure_registered_as_writer()
             while True:
+                request_bell.wait(None)
                 msg = request.read()
                 method, client, arrays, info, seq = msg
                 arrays = owned(arrays)  # out of the request buffer: the next message reuses it
@@ -181,7 +211,13 @@ class ChannelServerBlock(ServerBlock):
                 except Exception:  # noqa: BLE001 - the client program raises it, as an actor call would
                     out = ("error", traceback.format_exc())
                 reply.write(out)
+                try:
+                    reply_bell.ring()
+                except OSError:  # the pool's process is gone; a new incarnation gets a new pair
+                    pass
         except _CLOSED:
             return  # replaced by a newer pool incarnation, or shutting down
         except Exception:  # noqa: BLE001 - a dead loop must say why; the pool then times out and checks us
             log.exception("channel thread for pool %d ended", pool_index)
+        finally:
+            request_bell.close()

@@ -18,6 +18,7 @@ import ray
 from sfl_ray.config_base import ConfigError
 from sfl_ray.data.partition import Partition
 from sfl_ray.runtime.faults import ActorLost
+from sfl_ray.runtime.bell import Bell
 from sfl_ray.runtime.channels import ChannelClientPool, ChannelServerBlock
 from sfl_ray.runtime.protocol import ClientReply
 
@@ -181,8 +182,9 @@ class RayExecutor:
                     continue
                 reply = self._get(server.open_reply_channel.remote(pool, p["node_id"]), f"server block {j}")
                 request = self._get(pool.open_request_channel.remote(server, s["node_id"]), f"client pool {i}")
-                pid = self._get(server.serve.remote(i, request, reply), f"server block {j}")
-                self._get(pool.use_channels.remote(j, request, reply, server, pid, wait), f"client pool {i}")
+                bells = Bell(), Bell()  # request, reply
+                pid = self._get(server.serve.remote(i, request, reply, *bells), f"server block {j}")
+                self._get(pool.use_channels.remote(j, request, reply, server, pid, wait, *bells), f"client pool {i}")
                 counts["channels"] += 1
         self.links = counts
         return counts
