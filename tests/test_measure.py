@@ -7,6 +7,7 @@ import pytest
 from tests.helpers import local_coordinator, small_config, without_timing
 
 ALGORITHMS = ["fedavg", "sl", "splitfed_v1", "splitfed_v2", "sglr", "cse_fsl", "heron_sfl", "fsl_sage", "ampere"]
+SERVER_CACHED = ["sl", "splitfed_v1", "splitfed_v2", "sglr", "cse_fsl", "heron_sfl", "fsl_sage"]
 COST_KEYS = ("device_flops", "device_peak_mem_bytes", "device_cuda_peak_mem_bytes", "server_flops", "sim_s",
              "sim_cum_s", "measure", "mem_clients")
 
@@ -35,6 +36,10 @@ def test_sampled_reports_the_exact_flops_and_trains_identically(run_dir, algo):
     # the saving is real: most steps were not observed op by op, and no step's FLOPs varied within a key
     assert ex.pool.flop_cache.hits > ex.pool.flop_cache.misses
     assert ex.pool.flop_cache.conflicts == []
+    if algo in SERVER_CACHED:  # and at the server block: per request shape, or per schedule call's shapes
+        server = ex.servers[0].flop_cache
+        print(algo, "server cache", server.hits, server.misses)
+        assert server.hits > server.misses
     # memory: exact tracks every client; sampled one per round, from clients holding a full batch
     for e, s in zip(exact, sampled):
         if s["clients"] and e["device_peak_mem_bytes"]:

@@ -19,6 +19,7 @@ from sfl_ray.data.partition import ClientShards, Partition, partition
 from sfl_ray.metrics.evaluate import Evaluator
 from sfl_ray.metrics.writer import RunWriter
 from sfl_ray.run import prepare
+from sfl_ray.runtime.checkpoint import unpack
 from sfl_ray.runtime.coordinator import Coordinator
 from sfl_ray.runtime.launch import make_blueprint, run_experiment
 from sfl_ray.runtime.local_backend import LocalExecutor
@@ -132,7 +133,7 @@ def test_10k_registered_clients_start_without_building_10k_client_objects(run_di
     # the snapshot after round 2 fetched round 2's clients only, and holds every touched client
     assert asked[-1] == coord.sample(2) and len(asked[-1]) == 100
     snap = coord._after[1]["clients"]
-    full = client_states()
+    full = unpack(client_states())  # as they cross to the coordinator: packed (tensors as arrays)
     assert set(snap) == set(full) == touched
     for c in touched:  # Adam's moments of every touched client, as a full gather sees them
         a, b = snap[c]["optim/model"][1]["state"], full[c]["optim/model"][1]["state"]
@@ -142,7 +143,7 @@ def test_10k_registered_clients_start_without_building_10k_client_objects(run_di
     fresh = LocalExecutor(algorithm_cls, bp, data.train_x, data.train_y, shards, 0)
     fresh.load_client_states(snap)
     assert set(fresh.pool.state) == touched
-    again = fresh.client_states()
+    again = unpack(fresh.client_states())
     c = min(touched)
     assert torch.equal(again[c]["optim/model"][1]["state"][0]["exp_avg_sq"],
                        full[c]["optim/model"][1]["state"][0]["exp_avg_sq"])

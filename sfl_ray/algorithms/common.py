@@ -4,7 +4,8 @@ client epoch (forward, send activations, apply the server's gradient), the serve
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Mapping, Sequence
+from collections import Counter
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -110,12 +111,23 @@ class BufferedServer(ServerProgram):
     that order, and it stays deterministic whichever client finishes first.
     """
 
+    flops_by_shape = frozenset({"upload"})  # stores, computes nothing
+
     def __init__(self, ctx):
         super().__init__(ctx)
         self.parts = ctx.build_parts()
         self.model = self.parts.server
         self.opt = ctx.optimizer([self.model], lr=getattr(ctx.config, "server_lr", None))
         self.pending: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def flop_key(self, method: str, args: tuple) -> Optional[tuple]:
+        """`train_uploads` takes one step per pending upload of its order: its FLOPs are the sum
+        over those uploads' shapes, whichever client sent them."""
+        if method != "train_uploads":
+            return None
+        shapes = Counter((tuple(z.shape), str(z.dtype), tuple(y.shape)) for c in args[0]
+                         for z, y in self.pending.get(c, ()))
+        return (method, tuple(sorted(shapes.items())))
 
     def upload(self, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
         # Copy: the arrays may be read-only views of the object store.

@@ -173,6 +173,15 @@ class SGLRServer(ServerProgram):
         slices = {c: to_numpy(g) for c, g in zip(ids, grad.split(sizes))}
         return slices, float(per_sample.detach().sum()), int(len(y))
 
+    def flop_key(self, method: str, args: tuple) -> Optional[tuple]:
+        """An iteration steps once on the concatenation of its batches: its FLOPs follow from the
+        batches' shapes (the averaging and routing after it count none)."""
+        if method != "iteration":
+            return None
+        shapes = sorted((tuple(b["activations"].shape), str(b["activations"].dtype), tuple(b["labels"].shape))
+                        for b in args[0].values())
+        return (method, tuple(shapes))
+
     def iteration(self, batches: dict[int, dict], lr: float, active: list[int], weight: dict[int, float]
                   ) -> tuple[dict[int, dict], float, int, int]:
         """One iteration's server side: `step`, then SplitAvg (the server averages the active

@@ -31,6 +31,7 @@ class ReplicaServer(ServerProgram):
     # Between rounds a replica is only its optimizer state (kept in opt_state): its weights
     # restart from the average.
     _not_state = ServerProgram._not_state + ("replicas",)
+    flops_by_shape = frozenset({"train_step"})  # one step of a replica of the same model
 
     def __init__(self, ctx):
         super().__init__(ctx)

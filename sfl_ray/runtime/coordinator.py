@@ -191,15 +191,15 @@ class Coordinator:
         `ran`: the clients that ran since `self._after` was taken; only theirs is fetched (a
         client's state changes only when it runs), so a round's snapshot costs what the round's
         clients hold, however many clients are registered or were sampled before."""
-        from sfl_ray.runtime.checkpoint import to_tree
+        from sfl_ray.runtime.checkpoint import to_tree, unpack
 
         if ran is None or self._after is None:
-            clients = self.executor.client_states()
+            clients = unpack(self.executor.client_states())
         else:
             clients = {c: st for c, st in self._after[1]["clients"].items() if c not in ran}
-            clients.update(self.executor.client_states(sorted(ran)))
-        return {"algorithm": to_tree(self.algorithm.state_dict()), "clients": clients,
-                "servers": [self.executor.server_control(i, "state_dict") for i in range(self.executor.num_servers)],
+            clients.update(unpack(self.executor.client_states(sorted(ran))))
+        servers = [unpack(self.executor.server_control(i, "state_dict")) for i in range(self.executor.num_servers)]
+        return {"algorithm": to_tree(self.algorithm.state_dict()), "clients": clients, "servers": servers,
                 "coordinator": {"bytes_cum": self.bytes_cum, "sim_cum": self.sim_cum, "faults": self.faults}}
 
     def save_checkpoint(self, rnd: int) -> dict:
@@ -218,12 +218,12 @@ class Coordinator:
     def _load(self, state: dict) -> None:
         """Put the schedule, every client, every server block and the counters back as `_gather`
         took them; work done since (server FLOPs) is dropped."""
-        from sfl_ray.runtime.checkpoint import from_tree
+        from sfl_ray.runtime.checkpoint import from_tree, pack
 
         self.algorithm.load_state_dict(from_tree(state["algorithm"]))
-        self.executor.load_client_states(state["clients"])
+        self.executor.load_client_states(pack(state["clients"]))
         for i, s in enumerate(state["servers"]):
-            self.executor.server_control(i, "load_state_dict", s)
+            self.executor.server_control(i, "load_state_dict", pack(s))
         self.executor.pop_server_flops()
         self.bytes_cum = state["coordinator"]["bytes_cum"]
         self.sim_cum = state["coordinator"]["sim_cum"]

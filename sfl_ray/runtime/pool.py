@@ -80,11 +80,11 @@ class ClientPool:
 
     def get_state(self, clients: Optional[Sequence[int]] = None) -> dict:
         """The persistent state (optimizer moments, aux models, own blocks) of every hosted client
-        that has some (of `clients` only, if given) as a plain tree, for checkpoints and
-        round-start snapshots."""
-        from sfl_ray.runtime.checkpoint import to_tree
+        that has some (of `clients` only, if given) as a plain tree, packed for the trip to the
+        coordinator (runtime.checkpoint.pack), for checkpoints and round-start snapshots."""
+        from sfl_ray.runtime.checkpoint import pack, to_tree
         ids = list(self.state) if clients is None else clients
-        return {c: to_tree(self.state[c]) for c in ids if self.state.get(c)}
+        return {c: pack(to_tree(self.state[c])) for c in ids if self.state.get(c)}
 
     def set_state(self, states: dict) -> None:
         """Restore `get_state()` (for the clients this pool hosts); modules in client state are

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from sfl_ray.config_base import Section
 from sfl_ray.data.batches import client_batches
-from sfl_ray.metrics.device_cost import MemoryTracker, Meter
+from sfl_ray.metrics.device_cost import MemoryTracker, Meter, off_device
 from sfl_ray.models.split import ModelParts, build_parts
 from sfl_ray.runtime.bulk import Put, by_reference
 from sfl_ray.runtime.codec import Codec
@@ -222,7 +222,10 @@ class ServerContext:
         return by_reference(payload, list(payload), self._put)
 
     def build_parts(self) -> ModelParts:
-        parts = self.blueprint.build_parts()
+        """A fresh copy of the model's parts on this block's device. Building (which runs a probe
+        forward to find the cut's shape) is not server work: a FLOP count around it sees nothing."""
+        with off_device():
+            parts = self.blueprint.build_parts()
         parts.device.to(self.device)
         parts.server.to(self.device)
         return parts
@@ -244,11 +247,18 @@ class ServerProgram:
     def __init__(self, ctx: ServerContext):
         self.ctx = ctx
 
+    def flop_key(self, method: str, args: tuple) -> Optional[tuple]:
+        """What alone determines the FLOPs of the schedule's call `method(*args)` (the shapes it
+        will step on), if the program knows it: metrics.measure=sampled then counts them once per
+        key. None, the default: counted op by op every time."""
+        return None
+
     def state_dict(self) -> dict:
         """Everything this server half holds between rounds, for checkpoints: its attributes
-        (models and optimizers as their state dicts), as a plain tree."""
-        from sfl_ray.runtime.checkpoint import to_tree
-        return {k: to_tree(v) for k, v in vars(self).items() if k not in self._not_state}
+        (models and optimizers as their state dicts), as a plain tree packed for the trip to the
+        coordinator (runtime.checkpoint.pack)."""
+        from sfl_ray.runtime.checkpoint import pack, to_tree
+        return {k: pack(to_tree(v)) for k, v in vars(self).items() if k not in self._not_state}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()`: models and optimizers in place, other attributes replaced.

@@ -102,7 +102,8 @@ class ServerBlock:
         arguments (runtime.bulk) are fetched, all at once, and decoded: the program sees arrays."""
         with self.lock:
             args = bulk.resolve(args, self.fetch_bulk)
-            return self._counted(getattr(self.program, method), *args)
+            key = self.program.flop_key(method, args) if self.measure == "sampled" else None
+            return self._counted(getattr(self.program, method), *args, key=key)
 
     # -- bulk payloads (runtime.bulk); the Ray block reads them from the object store -------
     def put_bulk(self, stored: dict) -> object:
