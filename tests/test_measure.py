@@ -38,7 +38,6 @@ def test_sampled_reports_the_exact_flops_and_trains_identically(run_dir, algo):
     assert ex.pool.flop_cache.conflicts == []
     if algo in SERVER_CACHED:  # and at the server block: per request shape, or per schedule call's shapes
         server = ex.servers[0].flop_cache
-        print(algo, "server cache", server.hits, server.misses)
         assert server.hits > server.misses
     # memory: exact tracks every client; sampled one per round, from clients holding a full batch
     for e, s in zip(exact, sampled):
