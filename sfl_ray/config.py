@@ -304,8 +304,9 @@ class MetricsConfig(Section):
     measure: Literal["exact", "sampled", "off"] = Field(
         "sampled", description="How device cost is measured. exact: every op of every client is observed "
         "(FLOPs and peak memory; +40% time on a CPU). sampled: FLOPs exact (each step's FLOPs measured once per "
-        "program, batch shape and what varies per batch, and reused); peak memory tracked on memory_clients "
-        "clients of every memory_every-th round. off: nothing (device_flops, device_peak_mem_bytes, server_flops "
+        "program, batch shape and what varies per batch, and reused; a server block's steps likewise, once per "
+        "request shape or per shapes a schedule call steps on); peak memory tracked on memory_clients clients of "
+        "every memory_every-th round. off: nothing (device_flops, device_peak_mem_bytes, server_flops "
         "and sim_s are null, and rows and summary say measure: off).")
     memory_clients: int = Field(1, gt=0, description="sampled: clients per round whose device memory is tracked, "
                                 "drawn from the seed among the round's clients holding at least one full batch.")
