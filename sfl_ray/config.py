@@ -217,8 +217,8 @@ class ClusterConfig(Section):
     torch_threads: int = Field(1, gt=0, description="torch intra-op threads in every process (the same on both "
                                "backends, for identical numbers).")
     exchange: Literal["channels", "actor_calls"] = Field(
-        "channels", description="The per-batch device<->server path: channels = Ray shared-memory channels (the "
-        "transport of Compiled Graphs) between a pool and a server block on the same node, actor calls across "
+        "channels", description="The per-batch device<->server path: channels = a request/reply pipe pair in "
+        "shared memory (runtime.pipe) between a pool and a server block on the same node, actor calls across "
         "nodes; actor_calls = a Ray actor call per request everywhere. The numbers are the same either way.")
     task_timeout_s: Optional[float] = Field(
         None, gt=0, le=1e7, description="Deadline for any single wait on a remote call (s). None = proportionate "

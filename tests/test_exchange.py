@@ -55,8 +55,9 @@ def test_channels_give_the_numbers_of_actor_calls_and_of_the_local_backend(ray_c
 
 
 def test_an_idle_server_block_sleeps_on_its_channels(ray_cluster, run_dir):
-    """Ray's channel read polls; each of the block's channel threads waits on a doorbell instead.
-    Two pools' threads waiting for requests must leave the cores to the clients."""
+    """Each of the block's channel threads sleeps on its pipe's socket until a request is there
+    (Ray's channel read, the path before, polled). Two pools' threads waiting for requests must
+    leave the cores to the clients."""
     import time
 
     import numpy as np

@@ -18,7 +18,7 @@ import ray
 from sfl_ray.config_base import ConfigError
 from sfl_ray.data.partition import Partition
 from sfl_ray.runtime.faults import ActorLost
-from sfl_ray.runtime.bell import Bell
+from sfl_ray.runtime.pipe import Pipe
 from sfl_ray.runtime.channels import ChannelClientPool, ChannelServerBlock
 from sfl_ray.runtime.protocol import ClientReply
 
@@ -180,11 +180,9 @@ class RayExecutor:
                 if p["node_id"] != s["node_id"]:  # shared memory does not cross nodes
                     counts["actor_calls"] += 1
                     continue
-                reply = self._get(server.open_reply_channel.remote(pool, p["node_id"]), f"server block {j}")
-                request = self._get(pool.open_request_channel.remote(server, s["node_id"]), f"client pool {i}")
-                bells = Bell(), Bell()  # request, reply
-                pid = self._get(server.serve.remote(i, request, reply, *bells), f"server block {j}")
-                self._get(pool.use_channels.remote(j, request, reply, server, pid, wait, *bells), f"client pool {i}")
+                pipes = Pipe(), Pipe()  # request, reply
+                pid = self._get(server.serve.remote(i, *pipes), f"server block {j}")
+                self._get(pool.use_channels.remote(j, server, pid, wait, *pipes), f"client pool {i}")
                 counts["channels"] += 1
         self.links = counts
         return counts

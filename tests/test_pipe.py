@@ -1,0 +1,83 @@
+"""The pipe a pool and its server block exchange requests over (runtime.pipe): messages with
+their arrays come out equal and owned by the reader, across processes, growing past the first
+mapping; a reader sleeps until a message is there; a send nobody can hear is an error."""
+
+import pickle
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from sfl_ray.runtime.pipe import CLOSED, Pipe
+
+
+def test_a_message_with_its_arrays_comes_out_equal_and_owned():
+    reader = Pipe().listen()
+    writer = pickle.loads(pickle.dumps(reader))  # as the other process gets it
+    try:
+        act = np.random.default_rng(0).standard_normal((32, 32, 7, 7)).astype(np.float32)
+        labels = np.arange(32, dtype=np.int64)
+        strided = np.arange(20, dtype=np.float64).reshape(4, 5)[:, ::2]  # not contiguous: pickled in-band
+        msg = ("train_step", 3, {"activations": act, "labels": labels, "q": {"s": strided}}, {"round": 1}, None)
+        written = writer.send(msg, tag=7)
+        assert written >= act.nbytes + labels.nbytes  # the arrays' bytes went through shared memory
+        tag, (method, client, arrays, info, seq) = reader.recv(5.0)
+        assert (tag, method, client, info, seq) == (7, "train_step", 3, {"round": 1}, None)
+        assert np.array_equal(arrays["activations"], act) and arrays["activations"].dtype == np.float32
+        assert np.array_equal(arrays["labels"], labels) and np.array_equal(arrays["q"]["s"], strided)
+        # the reader's copy is its own: the writer's next message reuses the mapping
+        writer.send(("x", 0, {"activations": np.zeros_like(act)}, {}, None), tag=8)
+        assert np.array_equal(arrays["activations"], act)
+        arrays["activations"] += 1  # and writable
+        assert reader.recv(5.0)[0] == 8
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_a_message_larger_than_the_mapping_moves_to_a_larger_one():
+    reader, writer = Pipe().listen(), None
+    try:
+        writer = Pipe(reader.name)
+        for n in (1000, 3 << 20, 10, 9 << 20):  # past the 1 MiB first mapping, twice, and back
+            a = np.full(n, n % 251, dtype=np.uint8)
+            writer.send({"a": a}, tag=n)
+            tag, got = reader.recv(5.0)
+            assert tag == n and np.array_equal(got["a"], a)
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_a_send_from_another_process_wakes_a_sleeping_reader():
+    reader = Pipe().listen()
+    try:
+        code = ("import pickle, sys, time, numpy as np; from sfl_ray.runtime.pipe import Pipe; time.sleep(0.3); "
+                "pickle.loads(bytes.fromhex(sys.argv[1])).send({'g': np.arange(300000, dtype=np.float32)}, tag=5)")
+        proc = subprocess.Popen([sys.executable, "-c", code, pickle.dumps(Pipe(reader.name)).hex()])
+        t0 = time.monotonic()
+        tag, got = reader.recv(30.0)
+        assert tag == 5 and np.array_equal(got["g"], np.arange(300000, dtype=np.float32))
+        assert time.monotonic() - t0 < 29.0
+        assert proc.wait(30) == 0  # the writer exited: what the reader got is still there
+        assert got["g"][-1] == 299999
+    finally:
+        reader.close()
+
+
+def test_timeouts_close_and_a_reader_that_is_gone():
+    reader = Pipe().listen()
+    writer = Pipe(reader.name)
+    t0 = time.monotonic()
+    assert reader.recv(0.2) is None  # nothing sent: the wait sleeps out its timeout
+    assert 0.15 <= time.monotonic() - t0 < 2.0
+    writer.send_close()
+    assert reader.recv(1.0) is CLOSED
+    reader.close()
+    with pytest.raises(OSError):
+        writer.send({"a": np.zeros(3)})
+    writer.close()
+    with pytest.raises(RuntimeError, match="does not listen"):
+        Pipe().recv(0.01)
