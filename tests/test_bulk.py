@@ -104,6 +104,59 @@ def test_bulk_payloads_bypass_the_coordinator_and_rows_match_local(ray_cluster, 
         assert watch.received["iteration"] == 0 and watch.received["sglr_backward"] == 0
 
 
+def _restart(pool) -> int:
+    """Kill `pool` and wait until it answers from a new process (the objects it owned are gone
+    with the old one); returns the old process id."""
+    import ray
+
+    old = ray.get(pool.ping.remote(), timeout=60)["pid"]
+    ray.kill(pool, no_restart=False)
+    while True:
+        try:
+            if ray.get(pool.ping.remote(), timeout=120)["pid"] != old:
+                return old
+        except ray.exceptions.RayActorError:
+            time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_kept_payloads_outlive_the_pool_that_stored_them(ray_cluster, run_dir):
+    """`RoundRuntime.keep` (Ray: the coordinator takes copies by a task): after the pool that
+    stored a transfer dies, the original handles are lost actors, the kept ones still read the
+    same arrays; the coordinator received handles only."""
+    import ray
+
+    from sfl_ray.runtime.channels import fetch_bulk
+    from sfl_ray.runtime.faults import ActorLost
+
+    cfg = small_config(run_dir, "algorithm.name=ampere", "stop.rounds=1", "cluster.num_pools=1",
+                       "cluster.backend=ray", "algorithm.server_trainer=ray_train")
+    coord, ex = ray_coordinator(cfg)
+    try:
+        coord.algorithm.init_global(coord.evaluator.parts)
+        weights = coord.algorithm.global_device
+        replies = ex.run_clients("activations_program", [0, 1], 1, {"weights": weights}, True, lambda r: None)
+        parts = [(r.up["activations"], r.up["labels"], r.client) for r in replies]
+        assert _array_bytes(replies) == 0
+        kept = ex.keep_bulk(parts)
+        assert _array_bytes(kept) == 0 and all(isinstance(z, Bulk) for z, _, _ in kept)
+        assert {z.ref for z, _, _ in kept}.isdisjoint({z.ref for z, _, _ in parts})
+        _restart(ex.pools[0])  # (the originals were never read here: nothing of them is cached)
+        with pytest.raises(ActorLost):
+            resolve(parts, fetch_bulk)
+        after = resolve(kept, fetch_bulk)
+        again = ex.run_clients("activations_program", [0, 1], 1, {"weights": weights}, True, lambda r: None)
+        for (z1, y1, c1), r in zip(after, again):  # what the restarted pool makes anew
+            z2, y2 = resolve((r.up["activations"], r.up["labels"]), fetch_bulk)
+            np.testing.assert_array_equal(z1, z2)
+            np.testing.assert_array_equal(y1, y2)
+            assert c1 == r.client and z1.shape[0] > 0
+        with pytest.raises(ActorLost):  # keeping what is already lost says so
+            ex.keep_bulk(parts)
+    finally:
+        ex.shutdown()
+
+
 @pytest.mark.slow
 def test_a_transfer_lost_with_its_pool_is_sent_again(ray_cluster, run_dir):
     """The pool that stored a device's transfer dies before the server block reads it: the object
@@ -118,16 +171,7 @@ def test_a_transfer_lost_with_its_pool_is_sent_again(ray_cluster, run_dir):
 
     def server_control(index, method, *args):
         if method == "set_dataset" and not killed:
-            pool = ex.pools[0]
-            old = ray.get(pool.ping.remote(), timeout=60)["pid"]
-            ray.kill(pool, no_restart=False)
-            while True:  # until it answers from a new process: the objects' owner is gone
-                try:
-                    if ray.get(pool.ping.remote(), timeout=120)["pid"] != old:
-                        break
-                except ray.exceptions.RayActorError:
-                    time.sleep(0.2)
-            killed.append(old)
+            killed.append(_restart(ex.pools[0]))
         return real_control(index, method, *args)
 
     ex.server_control = server_control

@@ -20,13 +20,16 @@ def test_a_message_with_its_arrays_comes_out_equal_and_owned():
         act = np.random.default_rng(0).standard_normal((32, 32, 7, 7)).astype(np.float32)
         labels = np.arange(32, dtype=np.int64)
         strided = np.arange(20, dtype=np.float64).reshape(4, 5)[:, ::2]  # not contiguous: pickled in-band
-        msg = ("train_step", 3, {"activations": act, "labels": labels, "q": {"s": strided}}, {"round": 1}, None)
+        empty = np.zeros((0, 4), dtype=np.float32)
+        msg = ("train_step", 3, {"activations": act, "labels": labels, "q": {"s": strided, "e": empty}},
+               {"round": 1}, None)
         written = writer.send(msg, tag=7)
         assert written >= act.nbytes + labels.nbytes  # the arrays' bytes went through shared memory
         tag, (method, client, arrays, info, seq) = reader.recv(5.0)
         assert (tag, method, client, info, seq) == (7, "train_step", 3, {"round": 1}, None)
         assert np.array_equal(arrays["activations"], act) and arrays["activations"].dtype == np.float32
         assert np.array_equal(arrays["labels"], labels) and np.array_equal(arrays["q"]["s"], strided)
+        assert arrays["q"]["e"].shape == (0, 4) and arrays["q"]["e"].dtype == np.float32
         # the reader's copy is its own: the writer's next message reuses the mapping
         writer.send(("x", 0, {"activations": np.zeros_like(act)}, {}, None), tag=8)
         assert np.array_equal(arrays["activations"], act)

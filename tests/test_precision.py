@@ -306,7 +306,8 @@ def _fit_in_process(monkeypatch, precision: str) -> dict:
     rng = np.random.default_rng(0)
     z = rng.standard_normal((200, *parts.act_shape)).astype(np.float32)
     y = data.train_y[:200].astype(np.int64)
-    req = ServerFit(z=z, y=y, owner=np.arange(200) % 4, init_weights=module_weights(parts.server), epochs=1,
+    owner = np.arange(200) % 4
+    req = ServerFit(parts=[], init_weights=module_weights(parts.server), epochs=1,
                     batch_size=50, lr=0.1, shuffle=False, seed=0)
 
     class Shard:
@@ -314,7 +315,7 @@ def _fit_in_process(monkeypatch, precision: str) -> dict:
             assert device == "cpu"  # the worker moves batches itself (to_device)
             for i in range(0, len(y), batch_size):
                 yield {k: torch.from_numpy(v[i: i + batch_size]) for k, v in
-                       (("z", z), ("y", y), ("owner", req.owner))}
+                       (("z", z), ("y", y), ("owner", owner))}
 
     class Context:
         def get_world_size(self):
@@ -330,7 +331,7 @@ def _fit_in_process(monkeypatch, precision: str) -> dict:
     monkeypatch.setattr(ray.train, "Checkpoint", type("Checkpoint", (), {"from_directory": staticmethod(str)}))
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(ray.train.torch, "prepare_model", lambda m: m)
-    ray_train_fit._loop({"blueprint": bp, "request": req})
+    ray_train_fit._loop({"blueprint": bp, "request": req, "num_samples": len(y)})
     return reports[0]
 
 

@@ -109,18 +109,36 @@ def test_ampere_server_phase_on_ray_train_matches_the_actor_phase_on_the_link(ra
     """Ampere's server phase as a Ray Train TorchTrainer (DDP over 2 workers, Ray Data input):
     the same bytes cross the link as with the server actor, and the server block learns. The
     pool and the Train workers hold all 4 CPUs of the test cluster: the fit must not wait for a
-    CPU for Ray Data (it once did, forever)."""
+    CPU for Ray Data (it once did, forever). The transfer reaches the Train workers by reference:
+    the coordinator hands the fit handles, never the activations."""
+    from sfl_ray.runtime.bulk import Bulk
+    from tests.helpers import ray_coordinator
+
     assert ray.cluster_resources()["CPU"] == 4
-    rows = {}
+    rows, requests = {}, []
     for trainer in ("actor", "ray_train"):
         cfg = small_config(run_dir, "algorithm.name=ampere", f"algorithm.server_trainer={trainer}",
                            "algorithm.server_epochs=3", "stop.rounds=1", "cluster.backend=ray",
                            "cluster.num_pools=1", "cluster.pool_cpus=2", "cluster.num_servers=2",
                            "cluster.server_cpus=1", f"output.name=ampere-{trainer}", "algorithm.server_lr=0.1",
                            "cluster.task_timeout_s=300", *(["cluster.num_servers=1"] if trainer == "actor" else []))
-        algorithm_cls, data, shards, _ = prepare(cfg)
-        run_experiment(algorithm_cls, cfg, data, shards)
-        rows[trainer] = _rows(cfg)
+        if trainer == "actor":
+            algorithm_cls, data, shards, _ = prepare(cfg)
+            run_experiment(algorithm_cls, cfg, data, shards)
+            rows[trainer] = _rows(cfg)
+            continue
+        coord, ex = ray_coordinator(cfg)
+        real_fit = ex.fit_server
+        ex.fit_server = lambda request: (requests.append(request), real_fit(request))[1]
+        try:
+            coord.run()
+        finally:
+            ex.shutdown()
+        rows[trainer] = coord.writer.rows
+    (request,) = requests
+    handles = [v for z, y, _ in request.parts for v in (z, y)]
+    assert len(request.parts) == cfg.train.num_clients and all(isinstance(h, Bulk) and isinstance(h.ref, ray.ObjectRef) for h in handles)
+    assert request.num_samples == rows["ray_train"][1]["consolidated_samples"]
     a, r = rows["actor"], rows["ray_train"]
     assert [x["phase"] for x in r] == ["device", "transfer", "server", "server", "server"]
     assert [x["bytes_by_kind"] for x in r] == [x["bytes_by_kind"] for x in a]

@@ -24,7 +24,7 @@ from sfl_ray.algorithms.cse_fsl import AuxHeadMixin, local_loss_program
 from sfl_ray.models.aux import AuxConfig
 from sfl_ray.models.split import ModelParts
 from sfl_ray.runtime.protocol import Algorithm, ClientContext, RoundRuntime, RoundSummary, ServerProgram
-from sfl_ray.runtime.server_fit import ServerFit, train_epoch
+from sfl_ray.runtime.server_fit import ServerFit, consolidate, train_epoch
 from sfl_ray.runtime.wire import load_weights, module_weights, to_tensor
 from sfl_ray.seeding import np_rng
 
@@ -46,14 +46,6 @@ class AmpereConfig(SplitConfigMixin):
 def epoch_order(seed: int, epoch: int, n: int, shuffle: bool) -> np.ndarray:
     """Sample order of one server epoch: shuffled across devices, or device by device."""
     return np_rng(seed, "ampere_server", epoch).permutation(n) if shuffle else np.arange(n)
-
-
-def consolidate(parts: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(activations, labels, owner) of the devices' transfers, in the order given."""
-    z = np.concatenate([p[0] for p in parts])
-    y = np.concatenate([p[1] for p in parts])
-    owner = np.concatenate([np.full(len(p[1]), p[2]) for p in parts])
-    return z, y, owner
 
 
 class ConsolidatedServer(ServerProgram):
@@ -123,32 +115,31 @@ class Ampere(AuxHeadMixin, Algorithm):
         with torch.no_grad():
             z = torch.cat([device(torch.from_numpy(x[ctx.indices[i: i + bs]]).to(ctx.device))
                            for i in range(0, ctx.num_samples, bs)])
-        if ctx.config.server_trainer == "actor":  # the server block reads them where they were stored
-            ctx.by_reference("activations", "labels")
+        ctx.by_reference("activations", "labels")  # read where they were stored, not via the coordinator
         return {"activations": z, "labels": torch.from_numpy(y[ctx.indices])}, {"num_samples": ctx.num_samples}
 
     def run_final(self, rt: RoundRuntime, rnd: int, index: int) -> RoundSummary:
         if index == 0:
             everyone = list(range(self.train.num_clients))
             replies = rt.clients(everyone, {"weights": self.global_device}, program="activations_program")
-            # With the actor trainer these are `Bulk` handles: the coordinator passes references.
+            # `Bulk` handles: the coordinator passes references, the arrays go device -> server.
             parts = [(r.up["activations"], r.up["labels"], r.client) for r in replies]
             if self.config.server_trainer == "actor":
                 rt.server("set_dataset", parts)
-            else:  # Ray Train's workers are fed from the coordinator (runtime.ray_train_fit)
-                self._consolidated = consolidate(parts)
+            else:  # read by Ray Train's workers in the next row: held by the runtime till then
+                self._parts = rt.keep(parts)
             return RoundSummary(phase="transfer", extra={"consolidated_samples": sum(len(p[1]) for p in parts)})
         self.global_phase = "server"
         if self.config.server_trainer == "actor":
             stats = rt.server("train_epoch", index - 1)
             return RoundSummary(train_loss=stats.pop("train_loss"), phase="server", extra=stats)
         if index == 1:  # one Ray Train run covers every epoch; each reports its own row
-            z, y, owner = self._consolidated
             cfg = self.config
             self._fit = rt.fit_server(ServerFit(
-                z=z, y=y, owner=owner, init_weights=self.global_server, epochs=cfg.server_epochs,
+                parts=self._parts, init_weights=self.global_server, epochs=cfg.server_epochs,
                 batch_size=cfg.server_batch_size or self.train.batch_size, lr=cfg.server_lr,
                 shuffle=cfg.shuffle_across_devices, seed=self.blueprint.seed))
+            self._parts = None  # the stored transfers can go
         epoch = self._fit[index - 1]
         self._fit_weights = epoch["weights"]
         return RoundSummary(train_loss=epoch["loss"], phase="server", server_flops=epoch["flops"],

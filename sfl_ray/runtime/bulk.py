@@ -18,7 +18,7 @@ retry of the round then re-runs the clients, which store their payloads again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -87,20 +87,26 @@ def _replace(value: Any, got: Callable[[Bulk], Any]) -> Any:
     return value
 
 
-def resolve(value: Any, fetch: Fetch, decoded: bool = True) -> Any:
-    """`value` (arguments: nested lists, tuples, dicts) with every handle replaced by its value,
-    all objects fetched by one `fetch`; decoded to float32 (decoded=True) or in the wire form
-    (for a receiver that counts what it received before decoding it)."""
+def _stored(value: Any) -> tuple[dict, list]:
+    """The distinct stored objects `value`'s handles refer to: key -> position, and the refs."""
     found: list[Bulk] = []
     _handles(value, found)
-    if not found:
-        return value
     keys, refs = {}, []
     for h in found:
         key = _key(h.ref)
         if key not in keys:
             keys[key] = len(refs)
             refs.append(h.ref)
+    return keys, refs
+
+
+def resolve(value: Any, fetch: Fetch, decoded: bool = True) -> Any:
+    """`value` (arguments: nested lists, tuples, dicts) with every handle replaced by its value,
+    all objects fetched by one `fetch`; decoded to float32 (decoded=True) or in the wire form
+    (for a receiver that counts what it received before decoding it)."""
+    keys, refs = _stored(value)
+    if not refs:
+        return value
     objects = fetch(refs)
 
     def got(h: Bulk) -> Any:
@@ -108,6 +114,17 @@ def resolve(value: Any, fetch: Fetch, decoded: bool = True) -> Any:
         return decode_array(v) if decoded and h.encoded else v
 
     return _replace(value, got)
+
+
+def rehome(value: Any, store: Callable[[list], list]) -> Any:
+    """`value` with every handle's object stored again by `store` (the objects' refs -> the copies'
+    refs, in order): the handles then refer to copies that no longer depend on whoever stored
+    the originals."""
+    keys, refs = _stored(value)
+    if not refs:
+        return value
+    new = store(refs)
+    return _replace(value, lambda h: replace(h, ref=new[keys[_key(h.ref)]]))
 
 
 def _key(ref: Any) -> tuple:

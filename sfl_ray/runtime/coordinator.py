@@ -61,6 +61,8 @@ class Executor(Protocol):
 
     def fit_server(self, request: Any) -> list[dict]: ...
 
+    def keep_bulk(self, value: Any) -> Any: ...
+
     def client_states(self, clients: Optional[Sequence[int]] = None) -> dict: ...
 
     def load_client_states(self, states: dict) -> None: ...
@@ -104,6 +106,9 @@ class _Round(RoundRuntime):
 
     def fit_server(self, request):
         return self.executor.fit_server(request)
+
+    def keep(self, value):
+        return self.executor.keep_bulk(value)
 
     @property
     def replies(self) -> list[ClientReply]:

@@ -66,5 +66,8 @@ class LocalExecutor:
     def pop_server_flops(self) -> int:
         return sum(s.pop_flops() for s in self.servers)
 
+    def keep_bulk(self, value: Any) -> Any:
+        return value  # a handle holds its object itself here: nothing to lose
+
     def fit_server(self, request: Any) -> list[dict]:
         raise RuntimeError("the server training service (Ray Train) needs cluster.backend=ray")

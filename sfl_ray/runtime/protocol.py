@@ -300,6 +300,13 @@ class RoundRuntime(abc.ABC):
         """Call a server program method on every server block."""
         return [self.server(method, *args, index=i) for i in range(self.num_servers)]
 
+    def keep(self, value: Any) -> Any:
+        """`value` with its bulk payloads (runtime.bulk handles, e.g. Ampere's transfer) held by the
+        runtime itself past this row, so that losing the pool that made them loses nothing: for a
+        schedule that reads them in a later row. Only handles change; the arrays do not move
+        through the coordinator."""
+        return value
+
     def fit_server(self, request: Any) -> list[dict]:
         """Train a server block on a consolidated activation set (a `ServerFit`) with the
         runtime's training service (Ray Train); returns per-epoch stats and weights."""

@@ -19,7 +19,8 @@ from sfl_ray.config_base import ConfigError
 from sfl_ray.data.partition import Partition
 from sfl_ray.runtime.faults import ActorLost
 from sfl_ray.runtime.pipe import Pipe
-from sfl_ray.runtime.channels import ChannelClientPool, ChannelServerBlock
+from sfl_ray.runtime.bulk import rehome
+from sfl_ray.runtime.channels import ChannelClientPool, ChannelServerBlock, fetch_bulk
 from sfl_ray.runtime.protocol import ClientReply
 
 log = logging.getLogger("sfl_ray.ray")
@@ -229,6 +230,15 @@ class RayExecutor:
     def pop_server_flops(self) -> int:
         return sum(self._get(s.pop_flops.remote(), f"server block {i}") for i, s in enumerate(self.servers))
 
+    def keep_bulk(self, value: Any) -> Any:
+        """The objects `value`'s handles refer to, copied by a task that takes no CPU and owned by
+        this process from then on (a task's results belong to its caller): their makers may die."""
+        def store(refs: list) -> list:
+            copies = ray.remote(num_cpus=0, num_returns=len(refs) + 1)(_copies).remote(refs)
+            self._get(copies[-1], "a copy of bulk payloads")  # an original lost already: ActorLost
+            return copies[:-1]
+        return rehome(value, store)
+
     def fit_server(self, request: Any) -> list[dict]:
         import shutil
         import tempfile
@@ -272,6 +282,12 @@ class RayExecutor:
             time.sleep(0.05)
         if held:
             log.warning("the cluster had not given back %s of the killed actors within %ss", held, wait_s)
+
+
+def _copies(refs: list) -> tuple:
+    """The objects `refs` refer to, as this task's results (so owned by its caller), and a last
+    result that says they were all there."""
+    return (*fetch_bulk(refs), True)
 
 
 def plan_topology(cluster, num_clients: int, needs_server: bool) -> tuple[int, int]:

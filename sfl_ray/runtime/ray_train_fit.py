@@ -1,6 +1,10 @@
 """`ServerFit` on Ray Train: a TorchTrainer (DDP over `cluster.num_servers` workers, on GPUs when
 `cluster.server_gpus` > 0) fed by a Ray Data dataset of the consolidated activations.
 
+The devices' transfers arrive as bulk handles (runtime.bulk): a task that takes no CPU reads
+them from the object store, consolidates and shuffles them into one Arrow table there, and the
+dataset is made from that table's reference; the coordinator never holds the arrays.
+
 Each epoch every worker reports its loss; rank 0 also reports a checkpoint of the server
 block, so the coordinator gets the weights after every epoch (one metrics row per epoch).
 Checkpoints live on `cluster.storage_path`, shared storage that others may write: they hold
@@ -19,7 +23,9 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from sfl_ray.metrics.device_cost import FlopCounter
 
-from sfl_ray.runtime.server_fit import ServerFit, train_epoch
+import dataclasses
+
+from sfl_ray.runtime.server_fit import ServerFit, consolidate, train_epoch
 from sfl_ray.runtime.precision import autocast
 from sfl_ray.runtime.wire import Weights, load_weights, to_device, to_numpy
 from sfl_ray.seeding import derive_seed
@@ -59,7 +65,7 @@ def _loop(config: dict) -> None:
         seed = derive_seed(req.seed, "ampere_server", epoch) % (2 ** 31)
         batches = ((to_device(b["z"], device), to_device(b["y"], device), b["owner"].numpy())
                    for b in shard.iter_torch_batches(
-                       batch_size=req.batch_size, local_shuffle_buffer_size=len(req.y) if req.shuffle else None,
+                       batch_size=req.batch_size, local_shuffle_buffer_size=config["num_samples"] if req.shuffle else None,
                        local_shuffle_seed=seed if req.shuffle else None, device="cpu"))
         counter = FlopCounter()
         with counter, autocast(bp.precision, device):
@@ -79,30 +85,41 @@ def _loop(config: dict) -> None:
             ray.train.report(metrics)
 
 
+def training_table(parts: list, shuffle: bool, seed: int):
+    """The devices' transfers (bulk handles, resolved and decoded here) as one Arrow table of
+    z, y, owner; shuffled across devices before the split over workers, so every worker's shard
+    mixes all devices (each epoch then reshuffles locally with its own seed)."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    from sfl_ray.runtime.bulk import resolve
+    from sfl_ray.runtime.channels import fetch_bulk
+
+    z, y, owner = consolidate(resolve(parts, fetch_bulk))
+    order = np.arange(len(y))
+    if shuffle:
+        order = np.random.default_rng(derive_seed(seed, "ampere_server_global")).permutation(len(y))
+    return pa.table({"z": ArrowTensorArray.from_numpy(np.ascontiguousarray(z[order])),
+                     "y": y[order].astype(np.int64), "owner": owner[order].astype(np.int64)})
+
+
 def fit_with_ray_train(blueprint, req: ServerFit, cluster, storage_path: str) -> list[dict]:
     """Run the fit; returns, per epoch, the loss, mixing, FLOPs and the server weights."""
-    import pyarrow as pa
+    import ray
     import ray.data
-    from ray.data.extensions import ArrowTensorArray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    n = len(req.y)
-    order = np.arange(n)
-    if req.shuffle:
-        # A global shuffle before the split across workers, so every worker's shard mixes all
-        # devices; each epoch then reshuffles locally with its own seed.
-        order = np.random.default_rng(derive_seed(req.seed, "ampere_server_global")).permutation(n)
+    n = req.num_samples
     # One ready-made Arrow table: the shards are read without any Ray Data task, so the fit
-    # cannot stall when the pools and the Train workers hold every CPU of the cluster.
-    ds = ray.data.from_arrow(pa.table({"z": ArrowTensorArray.from_numpy(np.ascontiguousarray(req.z[order])),
-                                       "y": req.y[order].astype(np.int64),
-                                       "owner": req.owner[order].astype(np.int64)}))
-    meta = ServerFit(z=np.empty((0,)), y=np.empty(n), owner=np.empty(0), init_weights=req.init_weights,
-                     epochs=req.epochs, batch_size=req.batch_size, lr=req.lr, shuffle=req.shuffle, seed=req.seed)
+    # cannot stall when the pools and the Train workers hold every CPU of the cluster; the task
+    # that makes it takes no CPU for the same reason.
+    table = ray.remote(num_cpus=0)(training_table).remote(req.parts, req.shuffle, req.seed)
+    ds = ray.data.from_arrow_refs([table])
+    meta = dataclasses.replace(req, parts=[])  # the loop's settings; the data comes as the dataset
     use_gpu = cluster.server_gpus > 0
     trainer = TorchTrainer(
-        _loop, train_loop_config={"blueprint": blueprint, "request": meta},
+        _loop, train_loop_config={"blueprint": blueprint, "request": meta, "num_samples": n},
         scaling_config=ScalingConfig(num_workers=cluster.num_servers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cluster.server_cpus,
                                                            **({"GPU": cluster.server_gpus} if use_gpu else {})}),

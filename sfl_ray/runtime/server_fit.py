@@ -19,17 +19,29 @@ from sfl_ray.models.task import task_loss
 
 @dataclass
 class ServerFit:
-    """Train a server block from `init_weights` on (z, y) for `epochs` epochs."""
+    """Train a server block from `init_weights` on the devices' transfers for `epochs` epochs."""
 
-    z: np.ndarray              # (n, *act_shape) consolidated activations
-    y: np.ndarray              # (n,) labels
-    owner: np.ndarray          # (n,) which device each sample came from (for the mixing statistic)
+    # (activations, labels, device id) per device, in this order: arrays, or bulk handles
+    # (runtime.bulk) that the runtime resolves where the training runs, not in the coordinator
+    parts: list
     init_weights: dict
     epochs: int
     batch_size: int
     lr: Optional[float]
     shuffle: bool
     seed: int
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(p[1]) for p in self.parts)
+
+
+def consolidate(parts: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(activations, labels, owner) of the devices' transfers, in the order given."""
+    z = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    owner = np.concatenate([np.full(len(p[1]), p[2]) for p in parts])
+    return z, y, owner
 
 
 def train_epoch(model: nn.Module, opt: torch.optim.Optimizer,
