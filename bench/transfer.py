@@ -1,6 +1,7 @@
 """One SFL round trip through the runtime (activations up to a server block, a gradient of the
-same size back), 64 KiB to 64 MiB: microseconds per round trip and GB/s moved, over the channel
-pair and over actor calls, against a plain numpy copy of the same bytes, side by side in one run.
+same size back), 64 KiB to 64 MiB: microseconds per round trip and GB/s moved, over the pipe
+pair (`cluster.exchange: channels`, runtime/pipe.py) and over actor calls, against a plain
+numpy copy of the same bytes, side by side in one run.
 
     python bench/transfer.py [--repeats 50]
 

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from sfl_ray.runtime.pipe import CLOSED, Pipe
+from sfl_ray.runtime.pipe import CLOSED, SPANS_IN_DATAGRAM, Pipe
 
 
 def test_a_message_with_its_arrays_comes_out_equal_and_owned():
@@ -70,6 +70,26 @@ def test_a_send_from_another_process_wakes_a_sleeping_reader():
         reader.close()
 
 
+def test_a_message_of_many_arrays_lists_its_parts_in_shared_memory():
+    """More parts than a datagram lists (a model's weights, tensor by tensor): the listing goes in
+    the mapping, and every array still comes out equal."""
+    reader = Pipe().listen()
+    writer = Pipe(reader.name)
+    try:
+        weights = {f"layer{i}.weight": np.full((i % 7 + 1, 3), i, dtype=np.float32) for i in range(3000)}
+        assert len(weights) > SPANS_IN_DATAGRAM
+        writer.send(("set", 0, weights, {}, None), tag=11)
+        tag, (_, _, got, _, _) = reader.recv(5.0)
+        assert tag == 11 and got.keys() == weights.keys()
+        assert all(np.array_equal(got[k], v) for k, v in weights.items())
+        writer.send({"few": np.ones(4)}, tag=12)  # and back to a listing in the datagram
+        tag, got = reader.recv(5.0)
+        assert tag == 12 and np.array_equal(got["few"], np.ones(4))
+    finally:
+        writer.close()
+        reader.close()
+
+
 def test_timeouts_close_and_a_reader_that_is_gone():
     reader = Pipe().listen()
     writer = Pipe(reader.name)
@@ -84,3 +104,21 @@ def test_timeouts_close_and_a_reader_that_is_gone():
     writer.close()
     with pytest.raises(RuntimeError, match="does not listen"):
         Pipe().recv(0.01)
+
+
+def test_where_there_is_no_abstract_namespace_the_socket_is_a_file_removed_on_close(monkeypatch):
+    import os
+
+    from sfl_ray.runtime import pipe as pipe_module
+    monkeypatch.setattr(pipe_module.sys, "platform", "darwin")
+    reader = Pipe().listen()
+    assert not reader.address.startswith("\0") and os.path.exists(reader.address)
+    writer = Pipe(reader.name)
+    writer.send({"a": np.arange(5)}, tag=1)
+    tag, got = reader.recv(5.0)
+    assert tag == 1 and np.array_equal(got["a"], np.arange(5))
+    reader.close()
+    assert not os.path.exists(reader.address)
+    with pytest.raises(ConnectionRefusedError):  # the path is gone: nobody listens
+        writer.send({"a": np.zeros(1)})
+    writer.close()

@@ -64,35 +64,40 @@ def to_tree(obj: Any) -> Any:
 # clients is thousands of small tensors (aux models, Adam moments, buffers): packed, it crosses in
 # a fraction of the time. Trees never hold raw numpy arrays otherwise (`to_tree` wraps them), so a
 # raw array in a tree is a packed tensor.
+def _map_leaves(tree: Any, leaf: Callable[[Any], Any]) -> Any:
+    """`tree` (dicts, lists, tuples) with `leaf` applied to everything else."""
+    if isinstance(tree, dict):
+        return {k: _map_leaves(v, leaf) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_map_leaves(v, leaf) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(_map_leaves(v, leaf) for v in tree)
+    return leaf(tree)
+
+
+def _pack_leaf(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        t = x.detach()
+        return t.cpu().numpy() if t.dtype in _NUMPY_DTYPES else t.cpu()
+    return x
+
+
+def _unpack_leaf(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x if x.flags.writeable else np.array(x, copy=True))
+    return x
+
+
 def pack(tree: Any) -> Any:
     """`tree` (of `to_tree`) with its CPU-able tensors as numpy arrays, for a process boundary.
     GPU tensors come to the CPU: the receiver (the coordinator) may have no GPU."""
-    if isinstance(tree, torch.Tensor):
-        t = tree.detach()
-        if t.dtype in _NUMPY_DTYPES:
-            return t.cpu().numpy()
-        return t.cpu()
-    if isinstance(tree, dict):
-        return {k: pack(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [pack(v) for v in tree]
-    if isinstance(tree, tuple):
-        return tuple(pack(v) for v in tree)
-    return tree
+    return _map_leaves(tree, _pack_leaf)
 
 
 def unpack(tree: Any) -> Any:
     """The inverse of `pack`: tensors in memory this process owns (an array read from Ray's object
     store is read-only and pins its object: it is copied out)."""
-    if isinstance(tree, np.ndarray):
-        return torch.from_numpy(tree if tree.flags.writeable else np.array(tree, copy=True))
-    if isinstance(tree, dict):
-        return {k: unpack(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [unpack(v) for v in tree]
-    if isinstance(tree, tuple):
-        return tuple(unpack(v) for v in tree)
-    return tree
+    return _map_leaves(tree, _unpack_leaf)
 
 
 _NUMPY_DTYPES = {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16,

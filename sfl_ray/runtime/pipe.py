@@ -31,6 +31,10 @@ import numpy as np
 
 ALIGN = 64
 CLOSED = object()  # what `recv` returns when the writer said the pipe is closed
+# A datagram says where a message's parts are. Up to this many parts it lists them itself (a few
+# hundred bytes; datagrams may be as small as 2 KiB, macOS's default); beyond, the listing is one
+# more part in the mapping and the datagram says where that is.
+SPANS_IN_DATAGRAM = 64
 
 
 def _aligned(n: int) -> int:
@@ -68,7 +72,9 @@ class Pipe:
     def address(self) -> str:
         if sys.platform.startswith("linux"):
             return "\0" + self.name
-        return os.path.join(tempfile.gettempdir(), self.name + ".pipe")
+        # a socket path may be ~100 bytes long: macOS's temp directory alone can take most of that
+        base = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
+        return os.path.join(base, self.name + ".pipe")
 
     def listen(self) -> "Pipe":
         """Bind the reading end (before any writer sends)."""
@@ -89,6 +95,13 @@ class Pipe:
         for p in parts:
             spans.append((offset, p.nbytes))
             offset += _aligned(p.nbytes)
+        where: Any = spans
+        writes = list(zip(spans, parts))
+        if len(spans) > SPANS_IN_DATAGRAM:  # a message of many arrays: its spans go in the mapping too
+            listing = pickle.dumps(spans)
+            where = (offset, len(listing))
+            writes.append((where, memoryview(listing)))
+            offset += _aligned(len(listing))
         fds: list[int] = []
         if self._map is None or len(self._map) < offset:
             size = max(offset, 2 * len(self._map) if self._map is not None else 1 << 20)
@@ -99,12 +112,12 @@ class Pipe:
             fds = [fd]
         try:
             with memoryview(self._map) as view:
-                for (start, n), p in zip(spans, parts):
+                for (start, n), p in writes:
                     if n:
                         np.frombuffer(view, np.uint8, n, start)[:] = np.frombuffer(p.cast("B"), np.uint8)
             for r in raws:
                 r.release()
-            meta = pickle.dumps((tag, spans))
+            meta = pickle.dumps((tag, where))
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
@@ -151,6 +164,8 @@ class Pipe:
             return CLOSED
         tag, spans = pickle.loads(data)
         with memoryview(self._map) as view:
+            if isinstance(spans, tuple):  # (offset, size) of the spans' listing in the mapping
+                spans = pickle.loads(view[spans[0]:spans[0] + spans[1]])
             (h0, hn), rest = spans[0], spans[1:]
             header = bytes(view[h0:h0 + hn])
             # copies (the writer reuses the mapping) made by numpy: bytearray(view) copies at a
