@@ -110,9 +110,10 @@ def test_where_there_is_no_abstract_namespace_the_socket_is_a_file_removed_on_cl
     import os
 
     from sfl_ray.runtime import pipe as pipe_module
-    monkeypatch.setattr(pipe_module.sys, "platform", "darwin")
+    monkeypatch.setattr(pipe_module, "_ABSTRACT", False)
     reader = Pipe().listen()
     assert not reader.address.startswith("\0") and os.path.exists(reader.address)
+    assert os.stat(os.path.dirname(reader.address)).st_mode & 0o777 == 0o700  # only this user gets in
     writer = Pipe(reader.name)
     writer.send({"a": np.arange(5)}, tag=1)
     tag, got = reader.recv(5.0)
@@ -122,3 +123,43 @@ def test_where_there_is_no_abstract_namespace_the_socket_is_a_file_removed_on_cl
     with pytest.raises(ConnectionRefusedError):  # the path is gone: nobody listens
         writer.send({"a": np.zeros(1)})
     writer.close()
+
+
+def test_a_datagram_from_another_user_is_dropped_unread(monkeypatch):
+    """The reader takes only its own user's datagrams (the kernel says who sent each): here the
+    reader believes it is someone else, so what this process sends is another user's."""
+    import os
+
+    reader = Pipe().listen()
+    writer = Pipe(reader.name)
+    try:
+        real = os.getuid()
+        monkeypatch.setattr(os, "getuid", lambda: real + 1)
+        writer.send({"a": np.arange(3)}, tag=1)
+        assert reader.recv(0.3) is None and reader.dropped == 1
+        monkeypatch.setattr(os, "getuid", lambda: real)
+        writer.close()
+        writer = Pipe(reader.name)  # (the dropped datagram carried the first writer's mapping)
+        writer.send({"a": np.arange(4)}, tag=2)
+        tag, got = reader.recv(5.0)
+        assert tag == 2 and np.array_equal(got["a"], np.arange(4)) and reader.dropped == 1
+    finally:
+        writer.close()
+        reader.close()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() != 0,
+                    reason="needs root, to send as another user")
+def test_a_message_from_a_real_other_user_never_reaches_the_reader():
+    reader = Pipe().listen()
+    try:
+        # what a datagram of a pipe looks like; the sender becomes nobody before it sends
+        code = ("import os, socket, sys; os.setgid(65534); os.setuid(65534); "
+                "socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(bytes.fromhex(sys.argv[2]), chr(0) + sys.argv[1])")
+        datagram = pickle.dumps((66, [(0, 5)]))
+        proc = subprocess.run([sys.executable, "-c", code, reader.name, datagram.hex()],
+                              capture_output=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert reader.recv(0.5) is None and reader.dropped == 1
+    finally:
+        reader.close()

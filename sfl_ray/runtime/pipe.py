@@ -3,12 +3,17 @@ bytes in shared memory, a datagram to say a message is there.
 
 A message is pickled (protocol 5) with its arrays out of band: their bytes are copied once into
 a shared mapping the writer owns, the small pickle beside them, and a datagram on a Unix socket
-(Linux: the abstract namespace, no file; elsewhere a path in the temp directory) tells the reader
-where they are. The reader sleeps on its socket (no polling: a waiting thread takes no core),
-copies the arrays out (what it keeps is its own, writable) and unpickles. The mapping is an
-anonymous file (`memfd_create`, or an unlinked temporary file) whose descriptor travels with
-the datagram that first needs it (SCM_RIGHTS): nothing is named, nothing is left behind when
-both processes are gone, and a larger message moves to a larger mapping.
+(Linux: the abstract namespace, no file; elsewhere a file in a directory of the user's own)
+tells the reader where they are. The reader sleeps on its socket (no polling: a waiting thread
+takes no core), copies the arrays out (what it keeps is its own, writable) and unpickles. The
+mapping is an anonymous file (`memfd_create`, or an unlinked temporary file) whose descriptor
+travels with the datagram that first needs it (SCM_RIGHTS): nothing is named, nothing is left
+behind when both processes are gone, and a larger message moves to a larger mapping.
+
+Only the reader's own user may write to it: on Linux the socket asks the kernel for each sender's
+credentials (SO_PASSCRED) and drops a datagram from another user unread (abstract sockets are
+listed in /proc/net/unix for everyone to see, and a message is unpickled); elsewhere the socket
+file lives in a directory only its user may enter.
 
 The writer may reuse its mapping as soon as the reader has its copy: in a request/reply pair a
 side writes again only after it has read the other's answer. A message carries a tag (the
@@ -21,8 +26,10 @@ import mmap
 import os
 import pickle
 import socket
+import struct
 import sys
 import tempfile
+import time
 import uuid
 from array import array
 from typing import Any, Optional
@@ -35,6 +42,23 @@ CLOSED = object()  # what `recv` returns when the writer said the pipe is closed
 # hundred bytes; datagrams may be as small as 2 KiB, macOS's default); beyond, the listing is one
 # more part in the mapping and the datagram says where that is.
 SPANS_IN_DATAGRAM = 64
+
+
+# Linux: sockets in the abstract namespace (no file), senders' credentials checked per datagram.
+_ABSTRACT = sys.platform.startswith("linux")
+_ANCILLARY = socket.CMSG_SPACE(3 * 4) + socket.CMSG_SPACE(4 * 4)  # credentials + a few descriptors
+
+
+def _private_dir() -> str:
+    """Where socket files go without an abstract namespace: a directory only this user may enter
+    (short: a socket path may be ~100 bytes, and macOS's temp directory takes most of that)."""
+    base = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
+    path = os.path.join(base, f"sfl_ray-{os.getuid()}")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077 or not os.path.isdir(path) or os.path.islink(path):
+        raise PermissionError(f"{path} must be a directory of this user's only (mode 700) for sfl_ray's pipes")
+    return path
 
 
 def _aligned(n: int) -> int:
@@ -61,6 +85,7 @@ class Pipe:
         self._sock: Optional[socket.socket] = None
         self._listening = False
         self._map: Optional[mmap.mmap] = None
+        self.dropped = 0  # datagrams from other users, dropped unread
 
     def __getstate__(self) -> dict:
         return {"name": self.name}
@@ -70,15 +95,15 @@ class Pipe:
 
     @property
     def address(self) -> str:
-        if sys.platform.startswith("linux"):
+        if _ABSTRACT:
             return "\0" + self.name
-        # a socket path may be ~100 bytes long: macOS's temp directory alone can take most of that
-        base = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
-        return os.path.join(base, self.name + ".pipe")
+        return os.path.join(_private_dir(), self.name + ".pipe")
 
     def listen(self) -> "Pipe":
         """Bind the reading end (before any writer sends)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if _ABSTRACT:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # before bind: no datagram unvetted
         sock.bind(self.address)
         self._sock, self._listening = sock, True
         return self
@@ -142,24 +167,33 @@ class Pipe:
         ever), CLOSED if the writer closed the pipe."""
         if not self._listening or self._sock is None:
             raise RuntimeError(f"recv() on pipe {self.name}, which does not listen")
-        self._sock.settimeout(timeout)
-        try:
-            data, anc, _, _ = self._sock.recvmsg(1 << 16, socket.CMSG_SPACE(4 * array("i").itemsize))
-        except (socket.timeout, BlockingIOError):
-            return None
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array("i")
-                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-                for fd in fds[:-1]:
-                    os.close(fd)
-                fd = fds[-1]
-                try:
-                    if self._map is not None:
-                        self._map.close()
-                    self._map = mmap.mmap(fd, os.fstat(fd).st_size)
-                finally:
-                    os.close(fd)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._sock.settimeout(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            try:
+                data, anc, _, _ = self._sock.recvmsg(1 << 16, _ANCILLARY)
+            except (socket.timeout, BlockingIOError):
+                return None
+            fds, uid = array("i"), None
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+                elif _ABSTRACT and level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    uid = struct.unpack("3i", payload[:12])[1]  # (pid, uid, gid), vouched for by the kernel
+            if not _ABSTRACT or uid == os.getuid():
+                break
+            for fd in fds:  # another user's: dropped unread
+                os.close(fd)
+            self.dropped += 1
+        for fd in fds[:-1]:
+            os.close(fd)
+        if fds:
+            try:
+                if self._map is not None:
+                    self._map.close()
+                self._map = mmap.mmap(fds[-1], os.fstat(fds[-1]).st_size)
+            finally:
+                os.close(fds[-1])
         if not data:
             return CLOSED
         tag, spans = pickle.loads(data)
