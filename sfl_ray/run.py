@@ -76,6 +76,19 @@ def _on_sigterm(signum, frame) -> None:  # noqa: ARG001 - signal handler signatu
     raise Interrupted()
 
 
+def signal_behind(err: BaseException) -> Optional[BaseException]:
+    """The KeyboardInterrupt / Interrupted that `err` is, or that it came from. A signal handler
+    raising while a C extension runs (e.g. Ray's CoreWorker.wait) surfaces as a SystemError
+    ("returned a result with an exception set") caused by it: still an interruption."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (KeyboardInterrupt, Interrupted)):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def load_resume(run_dir: str, overrides: Sequence[str] = (), resume_round: Optional[int] = None) -> tuple:
     """(config, checkpoint state) of the run in `run_dir` (its own config, with `cluster.*` /
     `output.progress` overrides only), to continue from its newest checkpoint or that of
@@ -264,14 +277,17 @@ def run_config(cfg: "ExperimentConfig", resume: Optional[dict] = None, prog: str
             if run_dir is not None:
                 run_dir.release()
             raise
-        except (KeyboardInterrupt, Interrupted) as sig:
+        except (KeyboardInterrupt, Interrupted, Exception) as err:
+            sig = signal_behind(err)
+            if sig is None:
+                _write_stop(path, "failed", _first_line(err), prog)
+                raise
             name = "SIGINT" if isinstance(sig, KeyboardInterrupt) else "SIGTERM"
             _write_stop(path, "interrupted", name, prog)
             log.warning("interrupted by %s; resume with: %s --resume %s", name, prog, path)
-            raise
-        except Exception as err:
-            _write_stop(path, "failed", _first_line(err), prog)
-            raise
+            if sig is err:
+                raise
+            raise type(sig)() from err
         final = summary.get("final") or {}
         metric = ("eval_perplexity" if final.get("eval_perplexity") is not None else "eval_accuracy")
         say(f"sfl_ray: done after {summary['rounds']} rounds ({summary['stop_reason']}); "
@@ -321,10 +337,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     except ConfigError as err:
         print(str(err), file=sys.stderr)
         return EXIT_BAD_CONFIG
-    except (KeyboardInterrupt, Interrupted) as sig:  # the run (if it started) has said how to resume
-        return EXIT_SIGINT if isinstance(sig, KeyboardInterrupt) else EXIT_SIGTERM
-    except Exception as err:  # noqa: BLE001 - e.g. Ray would not start, a client failed: report, exit 1
-        return _failed(err)
+    except (KeyboardInterrupt, Interrupted, Exception) as err:  # noqa: BLE001 - reported, not raised
+        sig = signal_behind(err)  # the run (if it started) has said how to resume
+        if sig is not None:
+            return EXIT_SIGINT if isinstance(sig, KeyboardInterrupt) else EXIT_SIGTERM
+        return _failed(err)  # e.g. Ray would not start, a client failed: report, exit 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -193,3 +193,40 @@ def test_a_nan_in_round_2_exits_1_and_keeps_the_round_1_checkpoint(tmp_path, mon
     assert "round 2" in summary["error"]
     monkeypatch.setattr(SplitFedV2, "client_program", real)
     assert main(["--resume", str(run)]) == 0  # the last good checkpoint carries on
+
+
+def test_a_signal_surfacing_through_a_c_extension_is_still_an_interruption(tmp_path, monkeypatch):
+    """SIGTERM's handler raising while Ray's Cython code runs comes out as a SystemError caused by
+    the handler's exception (CI saw exit 1 and `failed` this way): the run still exits 143 and
+    says `interrupted`."""
+    from sfl_ray.run import Interrupted, signal_behind
+    from sfl_ray.runtime import launch
+
+    def wait_interrupted(*args, **kwargs):
+        try:
+            raise Interrupted()
+        except Interrupted as sig:
+            raise SystemError("<cyfunction CoreWorker.wait> returned a result with an exception set") from sig
+
+    monkeypatch.setattr(launch, "run_experiment", wait_interrupted)
+    code = main(["--config", "jobs/quickstart.yaml", *TINY, "--set", "cluster.backend=local",
+                 "--set", f"output.dir={tmp_path}", "--set", "output.name=run"])
+    assert code == 143
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stop_reason"] == "interrupted" and summary["error"] == "SIGTERM"
+    # and a failure that is just a failure stays one, also one raised while handling another
+    assert signal_behind(RuntimeError("boom")) is None
+    try:
+        try:
+            raise ValueError("first")
+        except ValueError:
+            raise RuntimeError("second")
+    except RuntimeError as err:
+        assert signal_behind(err) is None
+    try:
+        try:
+            raise KeyboardInterrupt()
+        except KeyboardInterrupt:
+            raise RuntimeError("while stopping")
+    except RuntimeError as err:
+        assert isinstance(signal_behind(err), KeyboardInterrupt)
