@@ -307,7 +307,7 @@ def _fit_in_process(monkeypatch, precision: str) -> dict:
     z = rng.standard_normal((200, *parts.act_shape)).astype(np.float32)
     y = data.train_y[:200].astype(np.int64)
     owner = np.arange(200) % 4
-    req = ServerFit(parts=[], init_weights=module_weights(parts.server), epochs=1,
+    req = ServerFit(parts=[(z, y, 0)], init_weights=module_weights(parts.server), epochs=1,
                     batch_size=50, lr=0.1, shuffle=False, seed=0)
 
     class Shard:
@@ -331,7 +331,7 @@ def _fit_in_process(monkeypatch, precision: str) -> dict:
     monkeypatch.setattr(ray.train, "Checkpoint", type("Checkpoint", (), {"from_directory": staticmethod(str)}))
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(ray.train.torch, "prepare_model", lambda m: m)
-    ray_train_fit._loop({"blueprint": bp, "request": req, "num_samples": len(y)})
+    ray_train_fit._loop({"blueprint": bp, "request": req})
     return reports[0]
 
 

@@ -143,11 +143,9 @@ class Pipe:
             for r in raws:
                 r.release()
             meta = pickle.dumps((tag, where))
-            if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
             try:
-                self._sock.sendmsg([meta], anc, 0, self.address)
+                self._writer().sendmsg([meta], anc, 0, self.address)
             except FileNotFoundError as err:  # a path-bound pipe whose reader removed it
                 raise ConnectionRefusedError(str(err)) from None
         finally:
@@ -157,9 +155,12 @@ class Pipe:
 
     def send_close(self) -> None:
         """Tell the reader this pipe is done (its `recv` returns CLOSED)."""
-        if self._sock is None:
+        self._writer().sendto(b"", self.address)
+
+    def _writer(self) -> socket.socket:
+        if self._sock is None:  # a writer's socket is unbound: made on first use
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.sendto(b"", self.address)
+        return self._sock
 
     # -- reading ---------------------------------------------------------------------------
     def recv(self, timeout: Optional[float]) -> Any:

@@ -17,10 +17,10 @@ import ray
 
 from sfl_ray.config_base import ConfigError
 from sfl_ray.data.partition import Partition
-from sfl_ray.runtime.faults import ActorLost
-from sfl_ray.runtime.pipe import Pipe
 from sfl_ray.runtime.bulk import rehome
 from sfl_ray.runtime.channels import ChannelClientPool, ChannelServerBlock, fetch_bulk
+from sfl_ray.runtime.faults import ActorLost
+from sfl_ray.runtime.pipe import Pipe
 from sfl_ray.runtime.protocol import ClientReply
 
 log = logging.getLogger("sfl_ray.ray")

@@ -21,12 +21,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+
 from sfl_ray.metrics.device_cost import FlopCounter
-
-import dataclasses
-
-from sfl_ray.runtime.server_fit import ServerFit, consolidate, train_epoch
 from sfl_ray.runtime.precision import autocast
+from sfl_ray.runtime.server_fit import ServerFit, consolidate, train_epoch
 from sfl_ray.runtime.wire import Weights, load_weights, to_device, to_numpy
 from sfl_ray.seeding import derive_seed
 
@@ -65,7 +63,7 @@ def _loop(config: dict) -> None:
         seed = derive_seed(req.seed, "ampere_server", epoch) % (2 ** 31)
         batches = ((to_device(b["z"], device), to_device(b["y"], device), b["owner"].numpy())
                    for b in shard.iter_torch_batches(
-                       batch_size=req.batch_size, local_shuffle_buffer_size=config["num_samples"] if req.shuffle else None,
+                       batch_size=req.batch_size, local_shuffle_buffer_size=req.num_samples if req.shuffle else None,
                        local_shuffle_seed=seed if req.shuffle else None, device="cpu"))
         counter = FlopCounter()
         with counter, autocast(bp.precision, device):
@@ -105,21 +103,18 @@ def training_table(parts: list, shuffle: bool, seed: int):
 
 def fit_with_ray_train(blueprint, req: ServerFit, cluster, storage_path: str) -> list[dict]:
     """Run the fit; returns, per epoch, the loss, mixing, FLOPs and the server weights."""
-    import ray
     import ray.data
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    n = req.num_samples
     # One ready-made Arrow table: the shards are read without any Ray Data task, so the fit
     # cannot stall when the pools and the Train workers hold every CPU of the cluster; the task
     # that makes it takes no CPU for the same reason.
     table = ray.remote(num_cpus=0)(training_table).remote(req.parts, req.shuffle, req.seed)
     ds = ray.data.from_arrow_refs([table])
-    meta = dataclasses.replace(req, parts=[])  # the loop's settings; the data comes as the dataset
     use_gpu = cluster.server_gpus > 0
     trainer = TorchTrainer(
-        _loop, train_loop_config={"blueprint": blueprint, "request": meta, "num_samples": n},
+        _loop, train_loop_config={"blueprint": blueprint, "request": req},  # handles, not arrays
         scaling_config=ScalingConfig(num_workers=cluster.num_servers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cluster.server_cpus,
                                                            **({"GPU": cluster.server_gpus} if use_gpu else {})}),
