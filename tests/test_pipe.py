@@ -163,3 +163,27 @@ def test_a_message_from_a_real_other_user_never_reaches_the_reader():
         assert reader.recv(0.5) is None and reader.dropped == 1
     finally:
         reader.close()
+
+
+def test_a_small_message_without_arrays_travels_in_its_datagram_and_leaves_the_mapping_alone():
+    """What lets a pool pass its turn without waiting for an answer: its next request may be
+    written to the mapping before the reader has read the pass."""
+    reader = Pipe().listen()
+    writer = Pipe(reader.name)
+    try:
+        assert writer.send(("__pass_turn__", 3, {}, {"answer": False}, 1), tag=1, inline=True) == 0
+        assert writer._map is None  # nothing written to shared memory
+        act = np.arange(1000, dtype=np.float32)
+        writer.send(("train_step", 4, {"activations": act}, {}, 1), tag=2)  # before the reader read the first
+        assert writer.send(("__pass_turn__", 4, {}, {"answer": False}, 1), tag=3, inline=True) == 0
+        first, second, third = reader.recv(5.0), reader.recv(5.0), reader.recv(5.0)
+        assert first == (1, ("__pass_turn__", 3, {}, {"answer": False}, 1))
+        assert second[0] == 2 and np.array_equal(second[1][2]["activations"], act)
+        assert third[0] == 3
+        with pytest.raises(ValueError):  # arrays, or too much for a datagram, need the mapping
+            writer.send({"a": act}, tag=4, inline=True)
+        with pytest.raises(ValueError):
+            writer.send("x" * 4096, tag=5, inline=True)
+    finally:
+        writer.close()
+        reader.close()

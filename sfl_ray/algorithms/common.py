@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from typing import Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -90,15 +90,18 @@ def split_client_epoch(ctx: ClientContext, down: dict) -> tuple[dict, dict]:
                                                  "loss_count": count}
 
 
-def server_step(model: nn.Module, opt: torch.optim.Optimizer, arrays: dict) -> tuple[dict, dict]:
-    """One server step on received activations; returns the gradient at the cut."""
+def server_step(model: nn.Module, opt: torch.optim.Optimizer, arrays: dict,
+                after_reply: Callable[[Callable], None] = lambda work: work()) -> tuple[dict, dict]:
+    """One server step on received activations; returns the gradient at the cut. The optimizer
+    step goes to `after_reply` (ServerContext.after_reply): the gradient does not depend on it,
+    so the block may run it while the device finishes its backward."""
     # The received activations are a leaf: their .grad is exactly what the device needs.
     z = arrays["activations"].detach().requires_grad_(True)
     model.train()
     loss = task_loss(model(z), arrays["labels"])
     opt.zero_grad()
     loss.backward()
-    opt.step()
+    after_reply(opt.step)
     return {"gradients": z.grad}, {"loss": float(loss.detach())}
 
 

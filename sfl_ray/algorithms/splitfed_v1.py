@@ -66,7 +66,7 @@ class ReplicaServer(ServerProgram):
 
     def train_step(self, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
         model, opt = self._replica(client)
-        return server_step(model, opt, arrays)
+        return server_step(model, opt, arrays, self.ctx.after_reply)
 
     def replica_weights(self) -> dict[int, dict]:
         return {c: module_weights(m) for c, (m, _) in sorted(self.replicas.items())}

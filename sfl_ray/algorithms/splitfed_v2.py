@@ -33,7 +33,7 @@ class SingleServer(ServerProgram):
         self.opt = ctx.optimizer([self.model])
 
     def train_step(self, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
-        return server_step(self.model, self.opt, arrays)
+        return server_step(self.model, self.opt, arrays, self.ctx.after_reply)
 
     def get_weights(self) -> dict:
         return module_weights(self.model)

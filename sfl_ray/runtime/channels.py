@@ -99,9 +99,22 @@ class ChannelEndpoint:
         reply, reply_info = body
         return reply, reply_info  # copied out of shared memory: the receiver owns it
 
-    def pass_turn(self, client: int) -> None:
-        """`client`'s program has returned: the next client's turn at this block."""
-        self.call(PASS_TURN, client, {}, {})
+    def pass_turn(self, client: int, wait: bool = True) -> None:
+        """`client`'s program has returned: the next client's turn at this block. With `wait`
+        False the pool goes on at once (its next request queues behind this one on the pipe, so
+        the block sees them in order) and a failure comes back as the next request's answer; the
+        last pass of a pool's share waits, so that nothing of a round is left unanswered."""
+        if wait:
+            self.call(PASS_TURN, client, {}, {})
+            return
+        if self._broken:
+            raise TimeoutError(self._broken)
+        self._tag += 1
+        try:  # in the datagram: the next request may be written before the block reads this one
+            self.request.send((PASS_TURN, client, {}, {"answer": False}, self.seq), self._tag, inline=True)
+        except OSError:
+            self._check_alive(PASS_TURN)
+            raise ActorLost(f"server block {self.index} stopped listening during {PASS_TURN!r}") from None
 
     def close(self) -> None:
         self.reply.close()
@@ -165,22 +178,43 @@ class ChannelServerBlock(ServerBlock):
         return os.getpid()
 
     def _serve_loop(self, pool_index: int, request: Pipe, reply: Pipe) -> None:
+        carried = None  # the failure of a request that wanted no answer: the next one's answer
+
+        def send(out: tuple, tag: int) -> None:
+            try:
+                reply.send(out, tag)
+            except OSError:  # the pool's process is gone; a new incarnation gets a new pair
+                pass
+
         try:
             while True:
                 got = request.recv(None)
                 if got is CLOSED:
                     return  # replaced by a newer pool incarnation
                 tag, (method, client, arrays, info, seq) = got  # copied out: the pool may write again
+                if carried is not None:
+                    send(carried, tag)
+                    carried = None
+                    continue
+                answered = []
+
+                def answer(out: dict, out_info: dict, tag: int = tag) -> None:
+                    answered.append(True)
+                    send(("ok", out, out_info), tag)
+
+                wants_answer = info.get("answer", True) if method == PASS_TURN else True
                 try:
-                    out = ("ok", *self.call(method, client, arrays, info, seq))
+                    self.call(method, client, arrays, info, seq, answer=answer if wants_answer else None)
+                    continue
                 except ActorLost as err:
-                    out = ("lost", str(err))
+                    failure = ("lost", str(err))
                 except Exception:  # noqa: BLE001 - the client program raises it, as an actor call would
-                    out = ("error", traceback.format_exc())
-                try:
-                    reply.send(out, tag)
-                except OSError:  # the pool's process is gone; a new incarnation gets a new pair
-                    pass
+                    # after an answer, what failed is the work deferred past it: the block says so
+                    failure = ("error", (answered and self._broken) or traceback.format_exc())
+                if answered or not wants_answer:  # the answer has left, or none was wanted: the next one says it
+                    carried = failure
+                else:
+                    send(failure, tag)
         except Exception:  # noqa: BLE001 - a dead loop must say why; the pool then times out and checks us
             log.exception("channel thread for pool %d ended", pool_index)
         finally:

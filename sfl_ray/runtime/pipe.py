@@ -16,8 +16,10 @@ listed in /proc/net/unix for everyone to see, and a message is unpickled); elsew
 file lives in a directory only its user may enter.
 
 The writer may reuse its mapping as soon as the reader has its copy: in a request/reply pair a
-side writes again only after it has read the other's answer. A message carries a tag (the
-request's number), so that an answer to an abandoned request is recognised and dropped.
+side writes again only after it has read the other's answer. A small message without arrays (a
+client passing its turn) travels in the datagram alone and leaves the mapping alone, so it needs
+no answer. A message carries a tag (the request's number), so that an answer to an abandoned
+request is recognised and dropped.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ CLOSED = object()  # what `recv` returns when the writer said the pipe is closed
 # hundred bytes; datagrams may be as small as 2 KiB, macOS's default); beyond, the listing is one
 # more part in the mapping and the datagram says where that is.
 SPANS_IN_DATAGRAM = 64
+# A message of no arrays and at most this many bytes travels in its datagram: the mapping stays
+# untouched, so such a message may be sent without waiting for an answer (see `send`).
+INLINE_BYTES = 1024
 
 
 # Linux: sockets in the abstract namespace (no file), senders' credentials checked per datagram.
@@ -109,11 +114,20 @@ class Pipe:
         return self
 
     # -- writing ---------------------------------------------------------------------------
-    def send(self, obj: Any, tag: int = 0) -> int:
+    def send(self, obj: Any, tag: int = 0, inline: bool = False) -> int:
         """Write `obj` and tell the reader; returns the bytes written to shared memory. Raises
-        OSError (ConnectionRefusedError) if nobody listens any more: the reader's process is gone."""
+        OSError (ConnectionRefusedError) if nobody listens any more: the reader's process is gone.
+
+        A small message without arrays goes in the datagram alone. `inline=True` insists on that
+        (ValueError otherwise): a message sent without waiting for its answer must leave the
+        mapping to the next one, which may be written before the reader has read this one."""
         buffers: list = []
         header = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+        if not buffers and len(header) <= INLINE_BYTES:
+            self._datagram(pickle.dumps((tag, header)), [])
+            return 0
+        if inline:
+            raise ValueError(f"a message of {len(buffers)} arrays and {len(header)} bytes cannot go in a datagram")
         raws = [b.raw() for b in buffers]
         parts = [memoryview(header)] + raws
         spans, offset = [], 0
@@ -142,16 +156,18 @@ class Pipe:
                         np.frombuffer(view, np.uint8, n, start)[:] = np.frombuffer(p.cast("B"), np.uint8)
             for r in raws:
                 r.release()
-            meta = pickle.dumps((tag, where))
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
-            try:
-                self._writer().sendmsg([meta], anc, 0, self.address)
-            except FileNotFoundError as err:  # a path-bound pipe whose reader removed it
-                raise ConnectionRefusedError(str(err)) from None
+            self._datagram(pickle.dumps((tag, where)), fds)
         finally:
             for fd in fds:  # the mapping and the datagram in flight hold the file
                 os.close(fd)
         return offset
+
+    def _datagram(self, meta: bytes, fds: list[int]) -> None:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
+        try:
+            self._writer().sendmsg([meta], anc, 0, self.address)
+        except FileNotFoundError as err:  # a path-bound pipe whose reader removed it
+            raise ConnectionRefusedError(str(err)) from None
 
     def send_close(self) -> None:
         """Tell the reader this pipe is done (its `recv` returns CLOSED)."""
@@ -198,6 +214,8 @@ class Pipe:
         if not data:
             return CLOSED
         tag, spans = pickle.loads(data)
+        if isinstance(spans, bytes):  # the message itself, sent in the datagram
+            return tag, pickle.loads(spans)
         with memoryview(self._map) as view:
             if isinstance(spans, tuple):  # (offset, size) of the spans' listing in the mapping
                 spans = pickle.loads(view[spans[0]:spans[0] + spans[1]])

@@ -128,7 +128,7 @@ class ClientPool:
         the clients take turns at their server block (runtime.turns): each passes its turn when
         its program returns."""
         out = []
-        for c, m in zip(clients, measure):
+        for i, (c, m) in enumerate(zip(clients, measure)):
             payload = {**down, **per_client[c]} if c in per_client else down
             if seq is None:
                 out.append(self.run(program, c, rnd, payload, m))
@@ -137,8 +137,8 @@ class ClientPool:
             endpoint.seq = seq
             try:
                 reply = self.run(program, c, rnd, payload, m)
-                try:
-                    endpoint.pass_turn(c)
+                try:  # the next client need not wait for the hand-over; the last pass is answered
+                    endpoint.pass_turn(c, wait=i == len(clients) - 1)
                 except ActorLost as err:
                     reply.lost = reply.lost or str(err)
             finally:

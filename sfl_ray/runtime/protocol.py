@@ -208,10 +208,23 @@ class ClientContext:
 class ServerContext:
     """What a server program may use: models built from the blueprint, optimizers, its index."""
 
-    def __init__(self, blueprint: Blueprint, index: int, device: torch.device, put: Optional[Put] = None):
+    def __init__(self, blueprint: Blueprint, index: int, device: torch.device, put: Optional[Put] = None,
+                 after_reply: Optional[Callable[[Callable[[], Any]], None]] = None):
         self.blueprint, self.index, self.device = blueprint, index, device
         self.config, self.train = blueprint.algorithm, blueprint.train
         self._put = put
+        self._after_reply = after_reply
+
+    def after_reply(self, work: Callable[[], Any]) -> None:
+        """Run `work` once the reply to the current link request has left, before the block
+        serves anything else: work the reply does not depend on (the optimizer step after the
+        backward that gave the cut gradient), overlapped with the client's own. The block's
+        state, and every number, are those of running it at once; where there is no reply to
+        wait for (a schedule's call, no block) it runs at once."""
+        if self._after_reply is None:
+            work()
+        else:
+            self._after_reply(work)
 
     def bulk(self, payload: dict) -> dict:
         """`payload` (kind -> numpy array, already in its wire form) stored as one object, each
@@ -237,7 +250,8 @@ class ServerContext:
 class ServerProgram:
     """An algorithm's server half. Public methods are called by name: from clients through the
     link (`method(client, arrays, info) -> (arrays, info)`, counted) or from the schedule
-    (`rt.server(method, *args)`, internal to the server side, not counted)."""
+    (`rt.server(method, *args)`, internal to the server side, not counted). Work a reply does
+    not depend on may wait until it has left: `ctx.after_reply`."""
 
     _not_state = ("ctx", "parts")
     # Link methods whose FLOPs are a function of their request's array shapes alone (one step per

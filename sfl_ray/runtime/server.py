@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Optional
+import traceback
+from typing import Any, Callable, Optional
 
 import torch
 from sfl_ray.metrics.device_cost import FlopCache, FlopCounter
@@ -42,7 +43,9 @@ class ServerBlock:
             raise ValueError(f"algorithm {algorithm_cls.name} has no server half")
         device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self.device = device
-        self.program = algorithm_cls.server_cls(ServerContext(blueprint, index, device, put=self.put_bulk))
+        self._after: list[Callable[[], Any]] = []  # work left for after the current reply
+        self.program = algorithm_cls.server_cls(ServerContext(blueprint, index, device, put=self.put_bulk,
+                                                              after_reply=self._after.append))
         self.codec = blueprint.codec
         self.precision = blueprint.precision
         self.flops = 0
@@ -52,35 +55,89 @@ class ServerBlock:
         # thread: the program runs one request or control call at a time, in arrival order.
         self.lock = threading.RLock()
         self.turns = TurnGate()  # a sequential round run by every pool at once (runtime.turns)
+        self._broken: Optional[str] = None  # deferred work failed after its reply left
 
-    def _counted(self, fn, *args: Any, key: Optional[tuple] = None) -> Any:
+    def _counted(self, fn, *args: Any, key: Optional[tuple] = None, link: bool = False) -> Any:
+        """`fn(*args)` with its FLOPs counted (or taken from the cache under `key`). For a link
+        method (`link`) the result is (reply, info, then): `then` runs the work the program left
+        for after its reply (ServerContext.after_reply), or is None. Work that is being counted
+        is not left for later: it runs here, inside the count, as does a schedule call's."""
+        self._after.clear()  # whatever a failed call left for later is not this call's
         with autocast(self.precision, self.device):
-            if self.measure == "off":
-                return fn(*args)
-            if key is not None and key in self.flop_cache.flops:
-                self.flop_cache.hits += 1
-                self.flops += self.flop_cache.flops[key]
-                return fn(*args)
+            if self.measure == "off" or (key is not None and key in self.flop_cache.flops):
+                if self.measure != "off":
+                    self.flop_cache.hits += 1
+                    self.flops += self.flop_cache.flops[key]
+                out = fn(*args)
+                if link:
+                    return (*out, self._then())
+                self._run_after()
+                return out
             counter = FlopCounter()
             with counter:
                 out = fn(*args)
+                self._run_after()
         self.flops += counter.flops
         if key is not None:
             self.flop_cache.misses += 1
             self.flop_cache.flops[key] = counter.flops
-        return out
+        return (*out, None) if link else out
 
-    def call(self, method: str, client: int, arrays: dict, info: dict, seq: Optional[int] = None) -> tuple[dict, dict]:
+    def _run_after(self) -> None:
+        for w in self._take_after():
+            w()
+
+    def _take_after(self) -> list[Callable[[], Any]]:
+        work = list(self._after)
+        self._after.clear()  # in place: the program's context appends to this very list
+        return work
+
+    def _then(self) -> Optional[Callable[[], None]]:
+        work = self._take_after()
+        if not work:
+            return None
+
+        def then() -> None:
+            with autocast(self.precision, self.device):
+                for w in work:
+                    w()
+        return then
+
+    def call(self, method: str, client: int, arrays: dict, info: dict, seq: Optional[int] = None,
+             answer: Optional[Callable[[dict, dict], None]] = None) -> tuple[dict, dict]:
         """A request from a client over the link: compressed activations are decoded here, and
         the reply's gradients compressed (link.compression). A request of sequence `seq` waits
-        for its client's turn (runtime.turns), outside the lock, so that the turn can come."""
+        for its client's turn (runtime.turns), outside the lock, so that the turn can come.
+
+        With `answer`, the reply goes to it as soon as it is ready, and work the program deferred
+        past its reply (a server's optimizer step) runs after that, while the client goes on with
+        its own work, yet before the block serves anything else. Without, that work runs before
+        the reply is returned. The block's state after a request is the same either way."""
         if seq is not None:
             if method == PASS_TURN:
                 self.turns.pass_turn(seq, client)
+                if answer is not None:
+                    answer({}, {})
                 return {}, {}
             self.turns.wait_turn(seq, client)
         with self.lock:
-            return self._call(method, client, arrays, info)
+            self._check_not_broken()
+            reply, reply_info, then = self._call(method, client, arrays, info)
+            if answer is not None:
+                answer(reply, reply_info)
+            if then is not None:
+                try:
+                    then()
+                except BaseException:
+                    if answer is not None:  # the reply has left: the failure is the block's from now on
+                        self._broken = (f"server work deferred past a {method!r} reply to client {client} "
+                                        f"failed:\n{traceback.format_exc()}")
+                    raise
+            return reply, reply_info
+
+    def _check_not_broken(self) -> None:
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
 
     def begin_turns(self, seq: int, order: list[int]) -> None:
         """Sequence `seq`: serve these clients' requests in this order."""
@@ -89,18 +146,20 @@ class ServerBlock:
     def end_turns(self, seq: int) -> None:
         self.turns.end(seq)
 
-    def _call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
+    def _call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict, Optional[Callable]]:
         fn = getattr(self.program, method)
         key = None
         if self.measure == "sampled" and method in self.program.flops_by_shape:
             key = (method, _shapes(arrays))
-        reply, reply_info = self._counted(fn, client, _tensors(decode(arrays), self.device), info, key=key)
-        return self.codec.encode(pack(reply)), reply_info
+        reply, reply_info, then = self._counted(fn, client, _tensors(decode(arrays), self.device), info, key=key,
+                                                link=True)
+        return self.codec.encode(pack(reply)), reply_info, then
 
     def control(self, method: str, *args: Any) -> Any:
         """A call from the schedule (server-side work, not on the link). Bulk handles among the
         arguments (runtime.bulk) are fetched, all at once, and decoded: the program sees arrays."""
         with self.lock:
+            self._check_not_broken()
             args = bulk.resolve(args, self.fetch_bulk)
             key = self.program.flop_key(method, args) if self.measure == "sampled" else None
             return self._counted(getattr(self.program, method), *args, key=key)
