@@ -151,6 +151,7 @@ def test_a_pool_passes_its_turn_without_waiting_and_the_block_keeps_the_order(ru
 
         # a pass that fails is the pool's next request's answer
         a.pass_turn(9, wait=False)  # 9 has no turn in this sequence
+        a.pass_turn(11, wait=False)  # nor 11: a pass wants no answer, so the failure waits for one that does
         with pytest.raises(ActorLost, match="client 9 has no turn"):
             a.call("train_step", 5, _request(1), {})
         with pytest.raises(ValueError):  # a request with arrays cannot be sent without an answer

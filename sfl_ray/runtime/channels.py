@@ -192,9 +192,11 @@ class ChannelServerBlock(ServerBlock):
                 if got is CLOSED:
                     return  # replaced by a newer pool incarnation
                 tag, (method, client, arrays, info, seq) = got  # copied out: the pool may write again
-                if carried is not None:
-                    send(carried, tag)
-                    carried = None
+                wants_answer = not (method == PASS_TURN and info.get("answer") is False)
+                if carried is not None:  # what follows a failure is not served: it hears the failure
+                    if wants_answer:  # (the pool awaits this one; a pool's last pass is awaited)
+                        send(carried, tag)
+                        carried = None
                     continue
                 answered = []
 
@@ -202,7 +204,6 @@ class ChannelServerBlock(ServerBlock):
                     answered.append(True)
                     send(("ok", out, out_info), tag)
 
-                wants_answer = info.get("answer", True) if method == PASS_TURN else True
                 try:
                     self.call(method, client, arrays, info, seq, answer=answer if wants_answer else None)
                     continue
