@@ -24,9 +24,9 @@ from sfl_ray.runtime.server import ServerBlock
 from tests.helpers import small_config
 
 
-def _block(run_dir, cls=ChannelServerBlock, *overrides):
+def _block(run_dir, cls=ChannelServerBlock):
     cfg = small_config(run_dir, "algorithm.name=splitfed_v2", "train.optimizer=adam", "train.lr=0.01",
-                       "metrics.measure=sampled", *overrides)
+                       "metrics.measure=sampled")
     algorithm_cls, data, _, _ = prepare(cfg)
     return cls(algorithm_cls, make_blueprint(cfg, data), 0)
 
