@@ -70,15 +70,19 @@ class ChannelEndpoint:
 
     seq: Optional[int] = None  # the sequence (runtime.turns) the current client's requests belong to
 
-    def call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
+    def _send(self, method: str, client: int, arrays: dict, info: dict, inline: bool = False) -> None:
+        """Write one request under the next tag (`inline`: in its datagram, see Pipe.send)."""
         if self._broken:  # a request the block may still be reading: its memory must not be rewritten
             raise TimeoutError(self._broken)
         self._tag += 1
         try:
-            self.request.send((method, client, arrays, info, self.seq), self._tag)
+            self.request.send((method, client, arrays, info, self.seq), self._tag, inline=inline)
         except OSError:  # nobody listens: the block's process is gone
             self._check_alive(method)
             raise ActorLost(f"server block {self.index} stopped listening during {method!r}") from None
+
+    def call(self, method: str, client: int, arrays: dict, info: dict) -> tuple[dict, dict]:
+        self._send(method, client, arrays, info)
         end = time.monotonic() + self.timeout_s
         while True:
             got = self.reply.recv(min(POLL_S, max(0.0, end - time.monotonic())))
@@ -106,15 +110,8 @@ class ChannelEndpoint:
         last pass of a pool's share waits, so that nothing of a round is left unanswered."""
         if wait:
             self.call(PASS_TURN, client, {}, {})
-            return
-        if self._broken:
-            raise TimeoutError(self._broken)
-        self._tag += 1
-        try:  # in the datagram: the next request may be written before the block reads this one
-            self.request.send((PASS_TURN, client, {}, {"answer": False}, self.seq), self._tag, inline=True)
-        except OSError:
-            self._check_alive(PASS_TURN)
-            raise ActorLost(f"server block {self.index} stopped listening during {PASS_TURN!r}") from None
+        else:  # in the datagram: the next request may be written before the block reads this one
+            self._send(PASS_TURN, client, {}, {"answer": False}, inline=True)
 
     def close(self) -> None:
         self.reply.close()
