@@ -3,10 +3,13 @@ every client every round, Dirichlet 0.5, batch 32, SGD 0.05, one local epoch) on
 on the local backend, and as a plain single-process PyTorch loop written here (the floor: the
 same batches through the same models, nothing else), measured side by side in one run.
 
-    python bench/overhead.py [--rounds 4] [--clients 100]
+    python bench/overhead.py [--rounds 4] [--repeats 3] [--clients 100]
 
-Prints the median seconds per round of each and the ratios; the last line is one JSON object
-(unprefixed keys are FedAvg's).
+The three take turns, `--repeats` times over (Ray, local, floor, Ray, local, floor, ...), so that
+a machine whose speed drifts (a shared VM's does, by 20% within an hour) weighs on all three
+alike. A run's rounds except its last (which also evaluates) are timed; each figure is the median
+over every timed round of every repeat, and each ratio is also given per repeat. Prints them;
+the last line is one JSON object (unprefixed keys are FedAvg's).
 """
 
 from __future__ import annotations
@@ -82,23 +85,40 @@ def floor_rounds(algo: str, clients: int, rounds: int) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="turns of Ray, local and floor, one after another")
     ap.add_argument("--clients", type=int, default=100)
     args = ap.parse_args()
     start_local_ray()
     out = tempfile.mkdtemp(prefix="sfl_bench_overhead")
-    res: dict = {"bench": "overhead", "clients": args.clients, "rounds": args.rounds}
+    res: dict = {"bench": "overhead", "clients": args.clients, "rounds": args.rounds, "repeats": args.repeats}
     for algo in ("fedavg", "splitfed_v2"):
-        t = {}
-        for backend in ("ray", "local"):
-            rows, _ = run_job("quickstart", out, f"{algo}-{backend}", overrides(algo, args.clients, args.rounds, backend))
-            t[backend] = median([r["wall_s"] for r in rows[:-1]] or [rows[-1]["wall_s"]])
-            print(f"{algo:<12} {backend:<6} median round {t[backend]:.3f} s", flush=True)
-        t["floor"] = median(floor_rounds(algo, args.clients, args.rounds))
-        print(f"{algo:<12} floor  median round {t['floor']:.3f} s", flush=True)
+        rounds: dict[str, list[float]] = {"ray": [], "local": [], "floor": []}
+        per_repeat: dict[str, list[float]] = {"ray": [], "local": [], "floor": []}
+        for rep in range(args.repeats):
+            for backend in ("ray", "local", "floor"):
+                if backend == "floor":
+                    times = floor_rounds(algo, args.clients, args.rounds)
+                else:
+                    rows, _ = run_job("quickstart", out, f"{algo}-{backend}-{rep}",
+                                      overrides(algo, args.clients, args.rounds, backend))
+                    times = [r["wall_s"] for r in rows]
+                timed = times[:-1] or times  # the last round also evaluates
+                rounds[backend] += timed
+                per_repeat[backend].append(median(timed))
+                print(f"{algo:<12} {backend:<6} repeat {rep + 1}: rounds {' '.join(f'{t:.3f}' for t in timed)} s",
+                      flush=True)
+        t = {k: median(v) for k, v in rounds.items()}
+        floor_ratio = [r / f for r, f in zip(per_repeat["ray"], per_repeat["floor"])]
+        local_ratio = [r / lo for r, lo in zip(per_repeat["ray"], per_repeat["local"])]
         prefix = "" if algo == "fedavg" else "splitfed_v2_"
         res.update({f"{prefix}ray_s": t["ray"], f"{prefix}local_s": t["local"], f"{prefix}floor_s": t["floor"],
-                    f"{prefix}ray_over_floor": t["ray"] / t["floor"], f"{prefix}ray_over_local": t["ray"] / t["local"]})
-        print(f"{algo:<12} ray/floor {t['ray'] / t['floor']:.2f}  ray/local {t['ray'] / t['local']:.2f}", flush=True)
+                    f"{prefix}ray_over_floor": t["ray"] / t["floor"], f"{prefix}ray_over_local": t["ray"] / t["local"],
+                    f"{prefix}ray_over_floor_per_repeat": floor_ratio,
+                    f"{prefix}ray_over_local_per_repeat": local_ratio})
+        print(f"{algo:<12} median round: ray {t['ray']:.3f} s, local {t['local']:.3f} s, floor {t['floor']:.3f} s; "
+              f"ray/floor {t['ray'] / t['floor']:.2f} (per repeat {' '.join(f'{x:.2f}' for x in floor_ratio)}), "
+              f"ray/local {t['ray'] / t['local']:.2f} (per repeat {' '.join(f'{x:.2f}' for x in local_ratio)})",
+              flush=True)
     print(json.dumps(res))
 
 

@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,29 @@ def test_to_device_on_a_cpu_is_the_tensor_itself():
     a.setflags(write=False)  # as arrays read from the object store are
     t = to_tensor(a)
     assert np.shares_memory(t.numpy(), a) and np.array_equal(t.numpy(), a)
+
+
+def test_to_tensor_silences_only_the_read_only_warning_and_leaves_the_filters_alone(monkeypatch):
+    writable = np.arange(6, dtype=np.float32)
+    read_only = writable.copy()
+    read_only.setflags(write=False)
+    swaps = []  # the process-wide filters are swapped (what other threads see) only for read-only arrays
+    real = warnings.catch_warnings
+    monkeypatch.setattr(warnings, "catch_warnings", lambda *a, **k: swaps.append(1) or real(*a, **k))
+    to_tensor(writable)
+    assert swaps == []
+    to_tensor(read_only)
+    assert swaps == [1]
+    monkeypatch.undo()
+    before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for a in (writable, read_only):
+            t = to_tensor(a)
+            assert np.shares_memory(t.numpy(), a) and np.array_equal(t.numpy(), a)
+        warnings.warn("still heard", UserWarning)  # the filters in force are the caller's again
+    assert [str(w.message) for w in seen] == ["still heard"]
+    assert warnings.filters == before
 
 
 def test_to_device_to_a_gpu_pins_then_copies_without_blocking():

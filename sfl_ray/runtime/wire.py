@@ -51,6 +51,10 @@ def to_tensor(a: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor
     """A numpy array as a tensor on `device`; arrays read from the object store are read-only,
     so on the CPU the tensor shares memory until something writes (nothing does: we copy into
     params)."""
+    if a.flags.writeable:  # what a pipe or a local call hands over: no warning to silence
+        return to_device(torch.from_numpy(a), device)
+    # Only where torch would warn: catch_warnings swaps the process's warning filters (what another
+    # thread warns meanwhile goes by them) and costs more than the conversion itself.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         t = torch.from_numpy(a)
