@@ -106,3 +106,56 @@ def test_a_killed_coordinator_is_recovered_from_its_last_checkpoint(tmp_path, ra
     checkpoint (pools and server blocks restored from it too) and the run ends as without it."""
     _same_metrics_despite_a_kill(tmp_path, BASE + ["algorithm.name=fsl_sage", *ALGO["fsl_sage"],
                                                    "output.checkpoint_every=1"], lambda p: p["pid"])
+
+
+@pytest.mark.slow
+def test_a_killed_pool_whose_share_of_the_partition_is_large_is_recovered(tmp_path, ray_cluster, monkeypatch):
+    """Ray puts a constructor argument over 100 KB in the object store itself and does not keep it
+    for a restart (ray#53727): a pool whose partition view is that large (2,000 registered
+    clients over 12,000 samples) must still come back, its arguments kept alive by the driver."""
+    import ray
+    import ray.cloudpickle
+
+    pids = {}
+
+    def look(ex):
+        pids["pool"] = ray.get(ex.pools[0].ping.remote())["pid"]
+
+    _on_start(monkeypatch, look)
+    common = ["train.num_clients=2000", "train.clients_per_round=200", "stop.target_metric=null", "output.progress=false",
+              "stop.rounds=4", "output.checkpoint_every=0", "train.optimizer=adam", "train.lr=0.003",
+              "data.max_test_samples=200", "algorithm.name=splitfed_v2"]
+    _, data, shards, _ = prepare(load_config(None, common))
+    from sfl_ray.data.partition import Partition
+    assert len(data.train_x) == 12000
+    assert len(ray.cloudpickle.dumps(Partition.from_lists(shards).hosted(0, 2))) > 100 * 1024  # what made it fail
+    _same_metrics_despite_a_kill(tmp_path, common, lambda p: pids["pool"])
+
+
+@pytest.mark.slow
+def test_an_actor_whose_restart_fails_is_reported_at_once(tmp_path, ray_cluster):
+    """A restarted actor whose constructor fails will not be tried again: recovery says so at once,
+    with the cause, instead of waiting out its deadline for an actor that cannot come back."""
+    import time
+
+    import ray
+
+    from sfl_ray.runtime.faults import ActorLost
+    from sfl_ray.runtime.ray_backend import RayExecutor
+
+    @ray.remote(num_cpus=0, max_restarts=3)
+    class Flaky:
+        def __init__(self, flag: str):
+            if os.path.exists(flag):
+                raise RuntimeError("this pool cannot be built again")
+            open(flag, "w").close()  # the first construction succeeds; every later one fails
+
+        def ping(self) -> dict:
+            return {"pid": os.getpid()}
+
+    actor = Flaky.remote(str(tmp_path / "built"))
+    os.kill(ray.get(actor.ping.remote())["pid"], signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(ActorLost, match="client pool 0 cannot come back.*this pool cannot be built again"):
+        RayExecutor([actor], [], None).recover(deadline_s=120)
+    assert time.monotonic() - t0 < 60

@@ -198,7 +198,10 @@ class RayExecutor:
                 try:
                     ray.get(a.ping.remote(), timeout=max(1.0, end - time.time()))
                     break
-                except _LOST:
+                except _LOST as err:
+                    if "creation task" in str(err):  # its constructor failed: Ray will not try again
+                        raise ActorLost(f"{what} cannot come back, its restart failed: "
+                                        f"{str(err).strip().splitlines()[-1]}") from None
                     if time.time() > end:
                         raise ActorLost(f"{what} did not come back within {deadline_s}s") from None
                     time.sleep(0.5)
@@ -339,20 +342,26 @@ def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) ->
     server_actor = ray.remote(ChannelServerBlock)
     # A lost pool or server block is restarted by Ray (same handle, so every endpoint stays valid);
     # the coordinator restores its state from the round-start snapshot (see Coordinator).
+    # Ray keeps a restarted actor's constructor arguments only if someone holds them: one over
+    # 100 KB that Ray put in the object store itself is gone after the first start, and the actor
+    # can never come back (ray#53727). So every argument that may be large (a plug-in algorithm or
+    # model travels by value; a pool's share of the partition grows with samples and clients) goes
+    # in by a reference the executor keeps (`keep_alive`) for as long as the actors live.
+    cls_ref, bp_ref = ray.put(algorithm_cls), ray.put(blueprint)
     servers = [server_actor.options(num_cpus=cluster.server_cpus, num_gpus=cluster.server_gpus, max_restarts=3,
-                                    name=None).remote(algorithm_cls, blueprint, i, cluster.server_gpus > 0)
+                                    name=None).remote(cls_ref, bp_ref, i, cluster.server_gpus > 0)
                for i in range(servers_n)]
     # A pool waits on its server block per batch: far less work than a client call.
     endpoints = [RayEndpoint(s, cluster.task_timeout_s or FIRST_WAIT_S, i) for i, s in enumerate(servers)]
     x_ref, y_ref = ray.put(train_x), ray.put(train_y)
     pool_actor = ray.remote(ChannelClientPool)
-    pools = []
+    pools, held = [], [cls_ref, bp_ref, x_ref, y_ref]
     shards = Partition.from_lists(shards)
     for p in range(pools_n):
         # A view (the partition's two arrays and a range of client ids): no per-client object.
-        mine = shards.hosted(p, pools_n)
+        held.append(ray.put(shards.hosted(p, pools_n)))
         pools.append(pool_actor.options(num_cpus=cluster.pool_cpus, num_gpus=cluster.client_gpus, max_restarts=3).remote(
-            algorithm_cls, blueprint, x_ref, y_ref, mine, endpoints, cluster.client_gpus))
+            cls_ref, bp_ref, x_ref, y_ref, held[-1], endpoints, cluster.client_gpus))
     wait = cluster.task_timeout_s or FIRST_WAIT_S
     try:
         ray.get([a.ping.remote() for a in servers + pools], timeout=wait)
@@ -361,8 +370,8 @@ def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) ->
                            f"{wait}s; cluster resources: {ray.cluster_resources()}") from None
     log.info("started %d client pool(s) and %d server block(s)", pools_n, servers_n)
     ex = RayExecutor(pools, servers, cluster.task_timeout_s, blueprint, cluster)
-    # The pools' constructor arguments must outlive start-up: Ray re-reads them to restart a pool.
-    ex.keep_alive = (x_ref, y_ref)
+    # The actors' constructor arguments must outlive start-up: Ray re-reads them to restart one.
+    ex.keep_alive = tuple(held)
     links = ex.connect()
     log.info("device<->server exchange: %d pool-server pair(s) on channels, %d on actor calls",
              links["channels"], links["actor_calls"])
