@@ -26,7 +26,7 @@ from sfl_ray.models.task import task_loss
 from sfl_ray.run import prepare
 from sfl_ray.runtime.launch import run_experiment
 from sfl_ray.runtime.precision import autocast
-from sfl_ray.runtime.wire import module_weights, pack, to_device, to_numpy, to_tensor
+from sfl_ray.runtime.wire import load_weights, module_weights, pack, to_device, to_numpy, to_tensor
 from tests.helpers import local_coordinator, small_config, without_timing
 from tests.test_gpt2_e2e import TINY
 
@@ -397,3 +397,41 @@ def test_ray_train_server_fit_runs_under_bf16(ray_cluster, run_dir):
     n_train = sum(len(s) for s in shards)
     act = 4 * math.prod(build_parts("cnn", None, data.input_shape, data.num_classes, 0).act_shape)
     assert rows[1]["bytes_by_kind"]["up/activations"] == n_train * act  # float32 on the wire
+
+
+def test_weights_move_in_and_out_without_a_torch_op_and_exactly():
+    """module_weights / load_weights on host tensors go through numpy (no op, so nothing for a
+    measuring dispatch mode to see), with copy_'s meaning: cast, in place, the optimizer's
+    parameters still the module's; bfloat16 keeps the torch path."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    model(torch.randn(5, 4))  # running statistics and num_batches_tracked move
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    counter = FlopCounter(on_output=lambda t: seen.append(t))
+    seen: list = []
+    with counter:
+        out = module_weights(model)
+    assert seen == [] and counter.flops == 0
+    assert set(out) == set(model.state_dict())
+    assert out["1.num_batches_tracked"].dtype == np.int64 and int(out["1.num_batches_tracked"]) == 1
+    for n, t in model.state_dict().items():
+        assert np.array_equal(out[n], t.numpy()) and not np.shares_memory(out[n], t.numpy())  # a copy
+
+    new = {n: (v + 1.5).astype(np.float64) if v.dtype == np.float32 else v + 2 for n, v in out.items()}
+    with counter:
+        load_weights(model, new)
+    assert seen == []
+    for n, t in model.state_dict().items():
+        assert t.dtype in (torch.float32, torch.int64)
+        assert np.array_equal(t.numpy(), new[n].astype(t.numpy().dtype))  # cast as copy_ casts
+    assert opt.param_groups[0]["params"][0] is model[0].weight  # in place: the optimizer's own
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    opt.step()
+    assert torch.equal(model[0].weight, torch.from_numpy(new["0.weight"].astype(np.float32)) - 0.1)
+
+    half = nn.Linear(2, 2).to(torch.bfloat16)
+    w = module_weights(half)
+    assert w["weight"].dtype == np.float32  # numpy has no bfloat16: to_numpy's exact float32
+    load_weights(half, {k: v * 2 for k, v in w.items()})
+    assert half.weight.dtype == torch.bfloat16
+    assert torch.equal(half.weight.float(), torch.from_numpy(w["weight"] * 2))

@@ -6,8 +6,9 @@ sum of the arrays' nbytes: what was moved is what is counted.
 
 from __future__ import annotations
 
+import ctypes
 import warnings
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -66,22 +67,51 @@ def frozen_names(module: nn.Module) -> set[str]:
     return {n for n, p in module.named_parameters() if getattr(p, "_sfl_frozen", False)}
 
 
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
+                 torch.int64: np.int64, torch.int32: np.int32, torch.int16: np.int16, torch.int8: np.int8,
+                 torch.uint8: np.uint8, torch.bool: np.bool_}
+
+
+def _host_view(t: torch.Tensor) -> Optional[np.ndarray]:
+    """A numpy array on a host tensor's memory, made without a torch op (even `.data` and
+    `.numpy()` dispatch one): weights move in and out of every client's model, and each op there
+    would pass through the dispatch mode measuring the program (metrics.measure) for nothing
+    (copies cost no FLOPs and no new memory). Valid while `t` lives; None where numpy cannot
+    hold it this way (a device tensor, bfloat16, a non-contiguous layout)."""
+    dtype = _NUMPY_DTYPES.get(t.dtype)
+    if dtype is None or t.device.type != "cpu" or t.is_quantized or not t.is_contiguous():
+        return None
+    if t.numel() == 0:
+        return np.zeros(t.shape, dtype)
+    memory = (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
+    return np.frombuffer(memory, dtype).reshape(t.shape)
+
+
 def module_weights(module: nn.Module) -> Weights:
     """A module's exchangeable state (parameters and buffers, minus LoRA-frozen weights) as numpy."""
     frozen = frozen_names(module)
-    return {n: to_numpy(t, copy=True) for n, t in module.state_dict().items() if n not in frozen}
+    out: Weights = {}
+    for n, t in module.state_dict(keep_vars=True).items():  # keep_vars: no detach op per tensor
+        if n not in frozen:
+            view = _host_view(t)
+            out[n] = view.copy() if view is not None else to_numpy(t, copy=True)
+    return out
 
 
 def load_weights(module: nn.Module, weights: Mapping[str, np.ndarray], strict: bool = True) -> None:
     """Copy numpy weights into a module in place (optimizers holding its params stay valid)."""
-    state = module.state_dict()
+    state = module.state_dict(keep_vars=True)
     expected = set(state) - frozen_names(module)
     if strict and expected != set(weights):
         missing, extra = expected - set(weights), set(weights) - expected
         raise KeyError(f"weights do not match the module: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}")
     with torch.no_grad():
         for name, value in weights.items():
-            state[name].copy_(to_tensor(value, state[name].device))
+            view = _host_view(state[name])
+            if view is not None:  # as copy_ would: cast, broadcast, in place
+                np.copyto(view, value, casting="unsafe")
+            else:
+                state[name].copy_(to_tensor(value, state[name].device))
 
 
 def payload_nbytes(value: Any) -> int:
