@@ -12,6 +12,7 @@ import threading
 import pytest
 
 from sfl_ray.config import load_config
+from sfl_ray.data.partition import Partition
 from sfl_ray.run import prepare
 
 BASE = ["data.max_train_samples=1200", "data.max_test_samples=200", "train.num_clients=4", "train.clients_per_round=4",
@@ -126,7 +127,6 @@ def test_a_killed_pool_whose_share_of_the_partition_is_large_is_recovered(tmp_pa
               "stop.rounds=4", "output.checkpoint_every=0", "train.optimizer=adam", "train.lr=0.003",
               "data.max_test_samples=200", "algorithm.name=splitfed_v2"]
     _, data, shards, _ = prepare(load_config(None, common))
-    from sfl_ray.data.partition import Partition
     assert len(data.train_x) == 12000
     assert len(ray.cloudpickle.dumps(Partition.from_lists(shards).hosted(0, 2))) > 100 * 1024  # what made it fail
     _same_metrics_despite_a_kill(tmp_path, common, lambda p: pids["pool"])

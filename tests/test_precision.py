@@ -407,8 +407,8 @@ def test_weights_move_in_and_out_without_a_torch_op_and_exactly():
     model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
     model(torch.randn(5, 4))  # running statistics and num_batches_tracked move
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    counter = FlopCounter(on_output=lambda t: seen.append(t))
-    seen: list = []
+    seen: list = []  # every op output the counter is shown
+    counter = FlopCounter(on_output=seen.append)
     with counter:
         out = module_weights(model)
     assert seen == [] and counter.flops == 0
