@@ -19,7 +19,6 @@ import json
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from _jobs import median, run_job, start_local_ray

@@ -150,9 +150,8 @@ def main() -> None:
     in_process = LocalEndpoint(ServerBlock(algorithm_cls, bp, 0))  # what the local backend calls
     device = bp.build_parts().device
     opt = bp.make_optimizer(list(device.parameters()))
-    times: dict[str, list[float]] = {w: [] for w in WAYS}
-    parts: dict[str, list[tuple[int, int, int]]] = {w: [] for w in WAYS}  # forward, call, backward+step ns
-    traced: list[tuple[int, int, int]] = []
+    # per way, each timed batch's (start, forward done, call done, end) on CLOCK_MONOTONIC, in ns
+    stamps: dict[str, list[tuple[int, int, int, int]]] = {w: [] for w in WAYS}
     batches, rnd = [], 0
     try:
         for i in range(args.batches):
@@ -162,7 +161,7 @@ def main() -> None:
                                               cfg.seed, rnd, 0))
             x, y = batches.pop()
             way = WAYS[(i // args.block) % len(WAYS)]
-            t0, n0 = time.perf_counter(), time.monotonic_ns()
+            n0 = time.monotonic_ns()
             z = device(x)
             n1 = time.monotonic_ns()
             arrays = {"activations": z.detach().numpy(), "labels": y.numpy()}
@@ -175,20 +174,16 @@ def main() -> None:
             z.backward(torch.from_numpy(out["gradients"]))
             opt.step()
             if i >= len(WAYS) * args.block:  # the first block of each way warms up
-                times[way].append(time.perf_counter() - t0)
-                n3 = time.monotonic_ns()
-                parts[way].append((n1 - n0, n2 - n1, n3 - n2))
-                if way == "after":
-                    traced.append((n0, n1, n3))
+                stamps[way].append((n0, n1, n2, time.monotonic_ns()))
     finally:
         endpoint.close()
         stop.set()
         server.join(10)
-    ms = {w: median(times[w]) * 1e3 for w in WAYS}
-    print(f"pipe, step after the reply   {ms['after']:.3f} ms per batch ({len(times['after'])} batches)")
-    print(f"pipe, step before the reply  {ms['before']:.3f} ms per batch ({len(times['before'])} batches)")
-    print(f"one process (local backend)  {ms['in_process']:.3f} ms per batch ({len(times['in_process'])} batches)")
-    split = {w: [median([p[k] for p in parts[w]]) / 1e3 for k in range(3)] for w in WAYS}
+    ms = {w: median([end - start for start, _, _, end in stamps[w]]) / 1e6 for w in WAYS}
+    print(f"pipe, step after the reply   {ms['after']:.3f} ms per batch ({len(stamps['after'])} batches)")
+    print(f"pipe, step before the reply  {ms['before']:.3f} ms per batch ({len(stamps['before'])} batches)")
+    print(f"one process (local backend)  {ms['in_process']:.3f} ms per batch ({len(stamps['in_process'])} batches)")
+    split = {w: [median([s[k + 1] - s[k] for s in stamps[w]]) / 1e3 for k in range(3)] for w in WAYS}
     for w, label in zip(WAYS, ("pipe, after", "pipe, before", "one process")):
         f, c, b = split[w]
         print(f"  {label:<13} median us: forward {f:6.0f}, the call {c:6.0f}, backward and step {b:6.0f}")
@@ -201,6 +196,7 @@ def main() -> None:
     if args.trace:
         with open(trace_file) as f:
             block_events = json.load(f)
+        traced = [(start, fwd, end) for start, fwd, _, end in stamps["after"]]
         res["stages_us"] = stages(EVENTS, block_events, traced, request.name, reply.name)
         print("stages of the pipe exchange, step after the reply (median us per batch):")
         for k, v in res["stages_us"].items():
