@@ -5,9 +5,10 @@ same batches through the same models, nothing else), measured side by side in on
 
     python bench/overhead.py [--rounds 4] [--repeats 3] [--clients 100]
 
-The three take turns, `--repeats` times over (Ray, local, floor, Ray, local, floor, ...), so that
-a machine whose speed drifts (a shared VM's does, by 20% within an hour) weighs on all three
-alike. A run's rounds except its last (which also evaluates) are timed; each figure is the median
+SplitFed v2 also runs on Ray with its server block in the pool's process (cluster.exchange=
+in_pool: requests are function calls, no hand-over between processes). The ways take turns,
+`--repeats` times over (Ray, local, floor, Ray, local, floor, ...), so that a machine whose speed
+drifts (a shared VM's does, by 20% within an hour) weighs on all of them alike. A run's rounds except its last (which also evaluates) are timed; each figure is the median
 over every timed round of every repeat, and each ratio is also given per repeat. Prints them;
 the last line is one JSON object (unprefixed keys are FedAvg's).
 """
@@ -30,7 +31,11 @@ from sfl_ray.run import prepare
 
 
 def overrides(algo: str, clients: int, rounds: int, backend: str) -> list[str]:
-    return [f"algorithm.name={algo}", f"cluster.backend={backend}", f"train.num_clients={clients}",
+    """`backend`: ray, local, or ray_in_pool (Ray with the server block in the pool's process)."""
+    where = [f"cluster.backend={backend}"]
+    if backend == "ray_in_pool":
+        where = ["cluster.backend=ray", "cluster.exchange=in_pool"]
+    return [f"algorithm.name={algo}", *where, f"train.num_clients={clients}",
             f"train.clients_per_round={clients}", f"stop.rounds={rounds}", "stop.target_metric=null",
             "train.eval_every=1000"]  # evaluation only after the last round: rounds time training
 
@@ -91,10 +96,12 @@ def main() -> None:
     out = tempfile.mkdtemp(prefix="sfl_bench_overhead")
     res: dict = {"bench": "overhead", "clients": args.clients, "rounds": args.rounds, "repeats": args.repeats}
     for algo in ("fedavg", "splitfed_v2"):
-        rounds: dict[str, list[float]] = {"ray": [], "local": [], "floor": []}
-        per_repeat: dict[str, list[float]] = {"ray": [], "local": [], "floor": []}
+        # SplitFed v2 also with its server block in the pool's process (cluster.exchange=in_pool)
+        ways = ("ray", "local", "floor") if algo == "fedavg" else ("ray", "ray_in_pool", "local", "floor")
+        rounds: dict[str, list[float]] = {w: [] for w in ways}
+        per_repeat: dict[str, list[float]] = {w: [] for w in ways}
         for rep in range(args.repeats):
-            for backend in ("ray", "local", "floor"):
+            for backend in ways:
                 if backend == "floor":
                     times = floor_rounds(algo, args.clients, args.rounds)
                 else:
@@ -104,7 +111,7 @@ def main() -> None:
                 timed = times[:-1] or times  # the last round also evaluates
                 rounds[backend] += timed
                 per_repeat[backend].append(median(timed))
-                print(f"{algo:<12} {backend:<6} repeat {rep + 1}: rounds {' '.join(f'{t:.3f}' for t in timed)} s",
+                print(f"{algo:<12} {backend:<11} repeat {rep + 1}: rounds {' '.join(f'{t:.3f}' for t in timed)} s",
                       flush=True)
         t = {k: median(v) for k, v in rounds.items()}
         floor_ratio = [r / f for r, f in zip(per_repeat["ray"], per_repeat["floor"])]
@@ -118,6 +125,14 @@ def main() -> None:
               f"ray/floor {t['ray'] / t['floor']:.2f} (per repeat {' '.join(f'{x:.2f}' for x in floor_ratio)}), "
               f"ray/local {t['ray'] / t['local']:.2f} (per repeat {' '.join(f'{x:.2f}' for x in local_ratio)})",
               flush=True)
+        if "ray_in_pool" in t:
+            in_pool_ratio = [r / lo for r, lo in zip(per_repeat["ray_in_pool"], per_repeat["local"])]
+            res.update({f"{prefix}ray_in_pool_s": t["ray_in_pool"],
+                        f"{prefix}ray_in_pool_over_local": t["ray_in_pool"] / t["local"],
+                        f"{prefix}ray_in_pool_over_local_per_repeat": in_pool_ratio})
+            print(f"{algo:<12} server block in the pool (cluster.exchange=in_pool): {t['ray_in_pool']:.3f} s, "
+                  f"ray/local {t['ray_in_pool'] / t['local']:.2f} "
+                  f"(per repeat {' '.join(f'{x:.2f}' for x in in_pool_ratio)})", flush=True)
     print(json.dumps(res))
 
 

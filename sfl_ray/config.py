@@ -216,10 +216,14 @@ class ClusterConfig(Section):
     server_gpus: float = Field(0.0, ge=0, description="GPUs per server block actor (whole GPUs).")
     torch_threads: int = Field(1, gt=0, description="torch intra-op threads in every process (the same on both "
                                "backends, for identical numbers).")
-    exchange: Literal["channels", "actor_calls"] = Field(
+    exchange: Literal["channels", "actor_calls", "in_pool"] = Field(
         "channels", description="The per-batch device<->server path: channels = a request/reply pipe pair in "
         "shared memory (runtime.pipe) between a pool and a server block on the same node, actor calls across "
-        "nodes; actor_calls = a Ray actor call per request everywhere. The numbers are the same either way.")
+        "nodes; actor_calls = a Ray actor call per request everywhere; in_pool = each server block lives in a "
+        "client pool's process (as many pools as blocks, each with its pool's CPUs and the larger of "
+        "client_gpus and server_gpus): a request is a function call, the fastest where device and server "
+        "never compute at once (SL, SplitFed v2), and no overlap of the two where they could. The numbers are "
+        "the same every way.")
     task_timeout_s: Optional[float] = Field(
         None, gt=0, le=1e7, description="Deadline for any single wait on a remote call (s). None = proportionate "
         "to the work: 600 s until a client call has completed, then 10x the longest client call seen (at least "

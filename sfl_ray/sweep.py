@@ -183,10 +183,13 @@ def trial_bundles(cfg, algorithm_cls, num_clients: int, resources: dict) -> tupl
 
     c = cfg.cluster
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    servers = c.num_servers if c.backend == "ray" and algorithm_cls.wants_server_blocks(cfg.algorithm) else 0
     if c.backend == "local":
         bundles, pools = [{"CPU": float(c.torch_threads)}], None
+    elif servers and c.exchange == "in_pool":  # pool p hosts server block p (runtime.ray_backend.in_pool_gpus)
+        pools = servers
+        bundles = [{"CPU": DRIVER_CPUS}] + [{"CPU": c.pool_cpus, "GPU": max(c.client_gpus, c.server_gpus)}] * pools
     else:
-        servers = c.num_servers if algorithm_cls.wants_server_blocks(cfg.algorithm) else 0
         free_cpu = cpus - DRIVER_CPUS - servers * c.server_cpus
         free_gpu = gpus - servers * c.server_gpus
         pools = c.num_pools

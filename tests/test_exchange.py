@@ -124,3 +124,50 @@ def test_a_sequential_round_on_channels_runs_in_turns_with_the_numbers_of_one_by
         rows[exchange] = without_timing(_rows(cfg))
     assert rows["channels"] == rows["actor_calls"]
     assert passed == {"channels": 5 * summary["rounds"], "actor_calls": 0}
+
+
+@pytest.mark.parametrize("algo,servers", [("splitfed_v2", 1), ("sglr", 1), ("splitfed_v1", 2)])
+def test_server_blocks_in_the_pools_give_the_numbers_of_the_local_backend(ray_cluster, run_dir, algo, servers):
+    """cluster.exchange=in_pool: pool p hosts server block p in its own process (no server block
+    actor, no pipe); its requests are function calls. The rows, server FLOPs and bytes included,
+    are the local backend's, under Adam (per-client and server optimizer state)."""
+    rows = {}
+    for name, extra in (("local", ["cluster.backend=local"]),
+                        ("in_pool", ["cluster.exchange=in_pool", "cluster.pool_cpus=0.5"])):
+        cfg = small_config(run_dir, f"algorithm.name={algo}", "train.optimizer=adam", "train.lr=0.001",
+                           "train.num_clients=5", f"cluster.num_servers={servers}", f"output.name={algo}-{name}",
+                           *extra)
+        if name == "local":
+            algorithm_cls, data, shards, _ = prepare(cfg)
+            run_experiment(algorithm_cls, cfg, data, shards)
+        else:
+            coord, ex = ray_coordinator(cfg)
+            try:
+                where = ex.placement()
+                assert ex.links == {"channels": 0, "actor_calls": 0, "in_pool": servers}
+                assert len(ex.pools) == servers and ex.servers == ex.pools
+                # each block is in its pool's process: no other actor process was started
+                assert [s["pid"] for s in where["servers"]] == [p["pid"] for p in where["pools"]]
+                assert len({p["pid"] for p in where["pools"]}) == servers
+                coord.run()
+            finally:
+                ex.shutdown()
+        rows[name] = without_timing(_rows(cfg))
+    assert rows["in_pool"] == rows["local"]
+    assert all(r["server_flops"] > 0 and r["bytes_up"] > 0 for r in rows["in_pool"])
+
+
+def test_server_blocks_in_the_pools_take_one_pool_each(ray_cluster, run_dir):
+    from sfl_ray.config_base import ConfigError
+    from sfl_ray.runtime.ray_backend import plan_topology
+
+    cfg = small_config(run_dir, "algorithm.name=splitfed_v2", "cluster.exchange=in_pool", "cluster.num_pools=2")
+    with pytest.raises(ConfigError, match="num_pools must equal cluster.num_servers=1"):
+        plan_topology(cfg.cluster, 4, True)
+    cfg = small_config(run_dir, "cluster.exchange=in_pool", "cluster.num_servers=2", "cluster.server_gpus=1",
+                       "cluster.client_gpus=0.25")
+    assert plan_topology(cfg.cluster, 4, True) == (2, 2)  # the test cluster's 2 GPUs: one whole each
+    assert plan_topology(cfg.cluster, 4, False)[1] == 0  # FedAvg: no block, pools as usual
+    cfg = small_config(run_dir, "cluster.exchange=in_pool", "cluster.num_servers=3", "cluster.server_gpus=1")
+    with pytest.raises(ConfigError, match="3 pools hosting server blocks x 1 GPU > the cluster's 2 GPUs"):
+        plan_topology(cfg.cluster, 4, True)

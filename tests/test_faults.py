@@ -50,7 +50,7 @@ def _on_start(monkeypatch, look) -> None:
     monkeypatch.setattr(rb, "start_actors", start)
 
 
-def _same_metrics_despite_a_kill(tmp_path, common: list[str], pid_of) -> None:
+def _same_metrics_despite_a_kill(tmp_path, common: list[str], pid_of, pools: int = 2) -> None:
     """Run `common` on the local backend (no fault) and on Ray, killing the process `pid_of(progress)`
     names once one of rounds 2 to 7 of 8 is under way: the driver polls the coordinator about
     every second, and these rounds take a quarter to half a second, so a window of two rounds
@@ -65,7 +65,7 @@ def _same_metrics_despite_a_kill(tmp_path, common: list[str], pid_of) -> None:
             os.kill(pid_of(p), signal.SIGKILL)
             killed.set()
 
-    cfg = load_config(None, common + [f"output.dir={tmp_path}", "cluster.backend=ray", "cluster.num_pools=2",
+    cfg = load_config(None, common + [f"output.dir={tmp_path}", "cluster.backend=ray", f"cluster.num_pools={pools}",
                                       "output.name=faulty"])
     summary = _run(cfg, progress)
     assert killed.is_set()
@@ -101,6 +101,23 @@ def test_a_pool_killed_during_a_round_in_turns_is_recovered_with_the_same_metric
     _on_start(monkeypatch, look)
     on_one_node = ["cluster.client_gpus=0.5", "cluster.server_gpus=1", "cluster.pool_cpus=0.5", "cluster.server_cpus=0.5"]
     _same_metrics_despite_a_kill(tmp_path, BASE + ["algorithm.name=splitfed_v2", *on_one_node], lambda p: pids["pool"])
+
+
+@pytest.mark.slow
+def test_a_killed_pool_hosting_a_server_block_is_recovered_with_the_same_metrics(tmp_path, ray_cluster, monkeypatch):
+    """cluster.exchange=in_pool: the one pool's process holds the server block too; both come
+    back restored from the round-start snapshot."""
+    import ray
+
+    pids = {}
+
+    def look(ex):
+        assert ex.links == {"channels": 0, "actor_calls": 0, "in_pool": 1}
+        pids["pool"] = ray.get(ex.pools[0].ping.remote())["pid"]
+
+    _on_start(monkeypatch, look)
+    _same_metrics_despite_a_kill(tmp_path, BASE + ["algorithm.name=splitfed_v2", "cluster.exchange=in_pool"],
+                                 lambda p: pids["pool"], pools=1)
 
 
 @pytest.mark.slow

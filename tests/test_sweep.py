@@ -212,6 +212,11 @@ def test_trial_bundles_hold_what_the_experiment_starts():
     assert bundles == [{"CPU": 1.0}, {"CPU": 2.0, "GPU": 0.5}, {"CPU": 2.0, "GPU": 0.5}, {"CPU": 1.0, "GPU": 1.0}]
     fedavg = load_config(None, ["algorithm.name=fedavg", "cluster.num_pools=2", "cluster.pool_cpus=0.5"])
     assert trial_bundles(fedavg, get_algorithm("fedavg"), 10, {"CPU": 2.0})[0] == [{"CPU": 1.0}] + [{"CPU": 0.5}] * 2
+    in_pool = load_config(None, ["algorithm.name=splitfed_v2", "cluster.exchange=in_pool", "cluster.num_servers=2",
+                                 "cluster.client_gpus=0.5", "cluster.server_gpus=1"])
+    # a pool per server block, each holding its block's GPU: what start_actors asks for
+    assert trial_bundles(in_pool, get_algorithm("splitfed_v2"), 10, {"CPU": 8.0, "GPU": 2.0}) == (
+        [{"CPU": 1.0}] + [{"CPU": 1.0, "GPU": 1.0}] * 2, 2)
     local = load_config(None, ["cluster.backend=local", "cluster.torch_threads=2"])
     assert trial_bundles(local, get_algorithm("splitfed_v2"), 10, {"CPU": 2.0}) == ([{"CPU": 2.0}], None)
     with pytest.raises(ConfigError, match="one trial needs 3 CPU"):

@@ -27,6 +27,7 @@ from typing import Any, Optional
 import ray
 
 from sfl_ray.runtime.faults import ActorLost
+from sfl_ray.runtime.local_backend import LocalEndpoint
 from sfl_ray.runtime.pipe import CLOSED, Pipe
 from sfl_ray.runtime.pool import ClientPool
 from sfl_ray.runtime.server import ServerBlock
@@ -218,3 +219,26 @@ class ChannelServerBlock(ServerBlock):
         finally:
             request.close()
             reply.close()
+
+
+class PoolWithServer(ChannelClientPool):
+    """A client pool whose server block lives in its own process (cluster.exchange=in_pool): a
+    request is a function call, as on the local backend, with no hand-over between processes.
+    Pool p hosts block p and there are as many pools as blocks, so every client the pool hosts
+    (client % pools == p) talks to this block (client % blocks == p) and to no other, and no other
+    pool reaches it. The block answers the executor's server calls (control, pop_flops) too."""
+
+    def __init__(self, algorithm_cls: Any, blueprint: Any, train_x: Any, train_y: Any, shards: Any, index: int,
+                 gpu_fraction: float = 0.0, server_gpu: bool = False):
+        self.block = ChannelServerBlock(algorithm_cls, blueprint, index, server_gpu)
+        super().__init__(algorithm_cls, blueprint, train_x, train_y, shards, [LocalEndpoint(self.block)],
+                         gpu_fraction)
+
+    def control(self, method: str, *args: Any) -> Any:
+        return self.block.control(method, *args)
+
+    def pop_flops(self) -> int:
+        return self.block.pop_flops()
+
+    def ping(self) -> dict:
+        return {**super().ping(), "server_device": str(self.block.device), "turns_passed": self.block.turns.passed}

@@ -18,7 +18,7 @@ import ray
 from sfl_ray.config_base import ConfigError
 from sfl_ray.data.partition import Partition
 from sfl_ray.runtime.bulk import rehome
-from sfl_ray.runtime.channels import ChannelClientPool, ChannelServerBlock, fetch_bulk
+from sfl_ray.runtime.channels import ChannelClientPool, ChannelServerBlock, PoolWithServer, fetch_bulk
 from sfl_ray.runtime.faults import ActorLost
 from sfl_ray.runtime.pipe import Pipe
 from sfl_ray.runtime.protocol import ClientReply
@@ -58,6 +58,8 @@ class RayExecutor:
         self.num_servers = len(servers)
         self.longest_call_s = 0.0  # the slowest client call so far: waits scale with it
         self.exchange = getattr(cluster, "exchange", "actor_calls")
+        # in_pool: pool p hosts server block p, and `servers` are the pools' own handles
+        self.in_pool = bool(servers) and self.exchange == "in_pool"
         self.links: dict = {}
 
     @property
@@ -98,6 +100,10 @@ class RayExecutor:
         def who(c: int) -> str:
             return f"client pool {c % len(self.pools)} (running client {c}, round {rnd}, {program})"
 
+        if not parallel and self.in_pool:
+            # Each block is reached by its own pool only, which runs its share in the round's
+            # order: every block sees its clients in the order one-by-one calls would give.
+            return self._dispatch(program, clients, rnd, shared, per_client, how, who, on_done)
         if not parallel and self._in_turns(clients):
             # Unique across coordinators: a recovered one must not resume a dead one's sequence.
             seq, n = int.from_bytes(os.urandom(7), "little"), len(self.servers)
@@ -170,6 +176,9 @@ class RayExecutor:
         """Give every pool a channel pair to each server block on its node (cluster.exchange=
         channels); returns {"channels": n, "actor_calls": m} pool-server pairs."""
         counts = {"channels": 0, "actor_calls": 0}
+        if self.in_pool:
+            self.links = {**counts, "in_pool": len(self.servers)}
+            return self.links
         if not self.servers or self.exchange != "channels":
             counts["actor_calls"] = len(self.pools) * len(self.servers)
             self.links = counts
@@ -192,7 +201,7 @@ class RayExecutor:
         """Wait until every pool and server block answers again (Ray restarts a lost one: same
         handle, fresh process, state to be restored by the caller)."""
         end = time.time() + deadline_s
-        for i, a in enumerate(self.pools + self.servers):
+        for i, a in enumerate(self._actors()):
             what = f"client pool {i}" if i < len(self.pools) else f"server block {i - len(self.pools)}"
             while True:
                 try:
@@ -208,6 +217,10 @@ class RayExecutor:
                 except ray.exceptions.GetTimeoutError:
                     raise ActorLost(f"{what} did not come back within {deadline_s}s") from None
         self.connect()  # a restarted pool or block lost its channels: every pair gets new ones
+
+    def _actors(self) -> list:
+        """Every pool and server block actor, once each (in_pool: the pools)."""
+        return self.pools if self.in_pool else self.pools + self.servers
 
     def client_states(self, clients: Optional[Sequence[int]] = None) -> dict:
         """Every client's state (only `clients`', if given), from the pools hosting them."""
@@ -265,6 +278,8 @@ class RayExecutor:
         if self.cluster is None:
             return {}
         c, n = self.cluster, len(self.pools)
+        if self.in_pool:
+            return {"CPU": n * c.pool_cpus, "GPU": n * in_pool_gpus(c)}
         return {"CPU": n * c.pool_cpus + self.num_servers * c.server_cpus,
                 "GPU": n * c.client_gpus + self.num_servers * c.server_gpus}
 
@@ -275,7 +290,7 @@ class RayExecutor:
         for its server block, which then waits forever."""
         held = {k: v for k, v in self.held_resources().items() if v > 0}
         before = ray.available_resources() if held else {}
-        for a in self.pools + self.servers:
+        for a in self._actors():
             ray.kill(a)
         end = time.time() + wait_s
         while held and time.time() < end:
@@ -293,11 +308,19 @@ def _copies(refs: list) -> tuple:
     return (*fetch_bulk(refs), True)
 
 
+def in_pool_gpus(cluster) -> float:
+    """GPUs of a pool hosting a server block (cluster.exchange=in_pool): the block's whole GPUs,
+    or the pool's fraction if larger."""
+    return max(cluster.client_gpus, cluster.server_gpus)
+
+
 def plan_topology(cluster, num_clients: int, needs_server: bool) -> tuple[int, int]:
     """(pools, servers) for this cluster; refuses requests the cluster cannot hold."""
     res = ray.cluster_resources()
     cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
     servers = cluster.num_servers if needs_server else 0
+    if servers and cluster.exchange == "in_pool":
+        return _plan_in_pool(cluster, num_clients, servers, cpus, gpus)
     free_cpu = cpus - servers * cluster.server_cpus
     free_gpu = gpus - servers * cluster.server_gpus
     if servers * cluster.server_gpus > gpus:
@@ -323,6 +346,26 @@ def plan_topology(cluster, num_clients: int, needs_server: bool) -> tuple[int, i
     return pools, servers
 
 
+def _plan_in_pool(cluster, num_clients: int, servers: int, cpus: float, gpus: float) -> tuple[int, int]:
+    """in_pool: one pool per server block, each hosting its block."""
+    if cluster.num_pools is not None and cluster.num_pools != servers:
+        raise ConfigError("cluster.num_pools", cluster.num_pools,
+                          f"with cluster.exchange=in_pool every pool hosts a server block: num_pools must equal "
+                          f"cluster.num_servers={servers} (or be left unset)")
+    if servers > num_clients:
+        raise ConfigError("cluster.num_servers", servers,
+                          f"with cluster.exchange=in_pool every server block needs a pool, and a pool a client: "
+                          f"{servers} server blocks > {num_clients} clients")
+    if servers * cluster.pool_cpus > cpus + 1e-9:
+        raise ConfigError("cluster.pool_cpus", cluster.pool_cpus,
+                          f"{servers} pools hosting server blocks x {cluster.pool_cpus} CPU > the cluster's {cpus:g} CPUs")
+    if servers * in_pool_gpus(cluster) > gpus + 1e-9:
+        raise ConfigError("cluster.server_gpus", cluster.server_gpus,
+                          f"{servers} pools hosting server blocks x {in_pool_gpus(cluster):g} GPU > the cluster's "
+                          f"{gpus:g} GPUs")
+    return servers, servers
+
+
 def ship_plugins_by_value() -> None:
     """Plug-ins registered in this process outside entry points (in a script, a test module, a
     file) may not be importable where the actors run: their modules travel by value, like
@@ -339,6 +382,7 @@ def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) ->
     """Create server block and client pool actors and wait until each is alive."""
     ship_plugins_by_value()  # before anything holding a plug-in (class, config, model entry) is pickled
     pools_n, servers_n = plan_topology(cluster, len(shards), algorithm_cls.wants_server_blocks(blueprint.algorithm))
+    in_pool = servers_n > 0 and cluster.exchange == "in_pool"  # pool p hosts server block p
     server_actor = ray.remote(ChannelServerBlock)
     # A lost pool or server block is restarted by Ray (same handle, so every endpoint stays valid);
     # the coordinator restores its state from the round-start snapshot (see Coordinator).
@@ -350,29 +394,34 @@ def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) ->
     cls_ref, bp_ref = ray.put(algorithm_cls), ray.put(blueprint)
     servers = [server_actor.options(num_cpus=cluster.server_cpus, num_gpus=cluster.server_gpus, max_restarts=3,
                                     name=None).remote(cls_ref, bp_ref, i, cluster.server_gpus > 0)
-               for i in range(servers_n)]
+               for i in range(0 if in_pool else servers_n)]
     # A pool waits on its server block per batch: far less work than a client call.
     endpoints = [RayEndpoint(s, cluster.task_timeout_s or FIRST_WAIT_S, i) for i, s in enumerate(servers)]
     x_ref, y_ref = ray.put(train_x), ray.put(train_y)
-    pool_actor = ray.remote(ChannelClientPool)
+    pool_actor, hosting_actor = ray.remote(ChannelClientPool), ray.remote(PoolWithServer)
     pools, held = [], [cls_ref, bp_ref, x_ref, y_ref]
     shards = Partition.from_lists(shards)
     for p in range(pools_n):
         # A view (the partition's two arrays and a range of client ids): no per-client object.
         held.append(ray.put(shards.hosted(p, pools_n)))
-        pools.append(pool_actor.options(num_cpus=cluster.pool_cpus, num_gpus=cluster.client_gpus, max_restarts=3).remote(
-            cls_ref, bp_ref, x_ref, y_ref, held[-1], endpoints, cluster.client_gpus))
+        if in_pool:
+            gpus = in_pool_gpus(cluster)
+            pools.append(hosting_actor.options(num_cpus=cluster.pool_cpus, num_gpus=gpus, max_restarts=3).remote(
+                cls_ref, bp_ref, x_ref, y_ref, held[-1], p, min(1.0, gpus), cluster.server_gpus > 0))
+        else:
+            pools.append(pool_actor.options(num_cpus=cluster.pool_cpus, num_gpus=cluster.client_gpus, max_restarts=3)
+                         .remote(cls_ref, bp_ref, x_ref, y_ref, held[-1], endpoints, cluster.client_gpus))
     wait = cluster.task_timeout_s or FIRST_WAIT_S
     try:
         ray.get([a.ping.remote() for a in servers + pools], timeout=wait)
     except ray.exceptions.GetTimeoutError:
         raise TimeoutError(f"{pools_n} pool(s) and {servers_n} server block(s) were not all scheduled within "
                            f"{wait}s; cluster resources: {ray.cluster_resources()}") from None
-    log.info("started %d client pool(s) and %d server block(s)", pools_n, servers_n)
-    ex = RayExecutor(pools, servers, cluster.task_timeout_s, blueprint, cluster)
+    log.info("started %d client pool(s) and %d server block(s)%s", pools_n, servers_n, " in them" if in_pool else "")
+    ex = RayExecutor(pools, list(pools) if in_pool else servers, cluster.task_timeout_s, blueprint, cluster)
     # The actors' constructor arguments must outlive start-up: Ray re-reads them to restart one.
     ex.keep_alive = tuple(held)
     links = ex.connect()
-    log.info("device<->server exchange: %d pool-server pair(s) on channels, %d on actor calls",
-             links["channels"], links["actor_calls"])
+    log.info("device<->server exchange: %d pool-server pair(s) on channels, %d on actor calls, %d in one process",
+             links["channels"], links["actor_calls"], links.get("in_pool", 0))
     return ex
