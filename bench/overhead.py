@@ -3,14 +3,17 @@ every client every round, Dirichlet 0.5, batch 32, SGD 0.05, one local epoch) on
 on the local backend, and as a plain single-process PyTorch loop written here (the floor: the
 same batches through the same models, nothing else), measured side by side in one run.
 
-    python bench/overhead.py [--rounds 4] [--repeats 3] [--clients 100]
+    python bench/overhead.py [--rounds 6] [--repeats 3] [--clients 100]
 
 SplitFed v2 also runs on Ray with its server block in the pool's process (cluster.exchange=
 in_pool: requests are function calls, no hand-over between processes). The ways take turns,
 `--repeats` times over (Ray, local, floor, Ray, local, floor, ...), so that a machine whose speed
-drifts (a shared VM's does, by 20% within an hour) weighs on all of them alike. A run's rounds except its last (which also evaluates) are timed; each figure is the median
-over every timed round of every repeat, and each ratio is also given per repeat. Prints them;
-the last line is one JSON object (unprefixed keys are FedAvg's).
+drifts (a shared VM's does, by 20% within an hour) weighs on all of them alike. A run's rounds
+except its last (which also evaluates) are timed; each figure is the median over every timed
+round of every repeat, and each ratio is also given per repeat. A Ray run's first round is
+slower (its pools create their clients' state and fill their caches), so it is also reported on
+its own, for every way. Prints them; the last line is one JSON object (unprefixed keys are
+FedAvg's).
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def floor_rounds(algo: str, clients: int, rounds: int) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3, help="turns of Ray, local and floor, one after another")
     ap.add_argument("--clients", type=int, default=100)
     args = ap.parse_args()
@@ -100,6 +103,7 @@ def main() -> None:
         ways = ("ray", "local", "floor") if algo == "fedavg" else ("ray", "ray_in_pool", "local", "floor")
         rounds: dict[str, list[float]] = {w: [] for w in ways}
         per_repeat: dict[str, list[float]] = {w: [] for w in ways}
+        first: dict[str, list[float]] = {w: [] for w in ways}  # each run's round 1, on its own too
         for rep in range(args.repeats):
             for backend in ways:
                 if backend == "floor":
@@ -110,10 +114,14 @@ def main() -> None:
                     times = [r["wall_s"] for r in rows]
                 timed = times[:-1] or times  # the last round also evaluates
                 rounds[backend] += timed
+                first[backend].append(times[0])
                 per_repeat[backend].append(median(timed))
                 print(f"{algo:<12} {backend:<11} repeat {rep + 1}: rounds {' '.join(f'{t:.3f}' for t in timed)} s",
                       flush=True)
         t = {k: median(v) for k, v in rounds.items()}
+        res[f"{'' if algo == 'fedavg' else 'splitfed_v2_'}first_round_s"] = {k: median(v) for k, v in first.items()}
+        print(f"{algo:<12} median first round: " + ", ".join(f"{k} {median(v):.3f} s" for k, v in first.items()),
+              flush=True)
         floor_ratio = [r / f for r, f in zip(per_repeat["ray"], per_repeat["floor"])]
         local_ratio = [r / lo for r, lo in zip(per_repeat["ray"], per_repeat["local"])]
         prefix = "" if algo == "fedavg" else "splitfed_v2_"

@@ -174,7 +174,8 @@ class RayExecutor:
 
     def connect(self) -> dict:
         """Give every pool a channel pair to each server block on its node (cluster.exchange=
-        channels); returns {"channels": n, "actor_calls": m} pool-server pairs."""
+        channels); returns {"channels": n, "actor_calls": m} pool-server pairs (and with
+        exchange=in_pool {"in_pool": k}: k pools each calling the block in its own process)."""
         counts = {"channels": 0, "actor_calls": 0}
         if self.in_pool:
             self.links = {**counts, "in_pool": len(self.servers)}
