@@ -222,7 +222,7 @@ class ClusterConfig(Section):
         "nodes; actor_calls = a Ray actor call per request everywhere; in_pool = each server block lives in a "
         "client pool's process (as many pools as blocks, each with its pool's CPUs and the larger of "
         "client_gpus and server_gpus): a request is a function call, the fastest where device and server "
-        "never compute at once (SL, SplitFed v2), and no overlap of the two where they could. The numbers are "
+        "never compute at once (SL, SplitFed v2), but without overlap of the two where they could. The numbers are "
         "the same every way.")
     task_timeout_s: Optional[float] = Field(
         None, gt=0, le=1e7, description="Deadline for any single wait on a remote call (s). None = proportionate "

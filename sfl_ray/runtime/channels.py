@@ -222,8 +222,8 @@ class ChannelServerBlock(ServerBlock):
 
 
 class PoolWithServer(ChannelClientPool):
-    """A client pool whose server block lives in its own process (cluster.exchange=in_pool): a
-    request is a function call, as on the local backend, with no hand-over between processes.
+    """A client pool hosting a server block in the pool's own process (cluster.exchange=in_pool):
+    a request is a function call, as on the local backend, with no hand-over between processes.
     Pool p hosts block p and there are as many pools as blocks, so every client the pool hosts
     (client % pools == p) talks to this block (client % blocks == p) and to no other, and no other
     pool reaches it. The block answers the executor's server calls (control, pop_flops) too."""
