@@ -6,6 +6,7 @@ The head runs in its own process group and only that group is stopped at the end
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -46,21 +47,36 @@ def _wait_http(url: str, deadline_s: float) -> None:
     raise TimeoutError(f"{url} did not come up within {deadline_s}s")
 
 
+def _token_env(tmp_path: Path) -> dict:
+    """Token authentication on, with a token of this test's own. Ray 2.60's `ray start` turns
+    it on only when RAY_AUTH_MODE=token is set or a token already exists (it makes none), and
+    ~/.ray/auth_token belongs to the user: a fresh machine has none, and a test must not make
+    or read one there."""
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+        env.pop(key, None)
+    return env
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     gcs, dash, client, agent, agent_grpc, env_agent, metrics = _free_ports(7)
     temp = tempfile.mkdtemp(prefix="sflr", dir="/tmp")  # short: unix socket paths are limited
     log = open(tmp_path / "head.log", "w")
+    env = _token_env(tmp_path)
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
          f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
          f"--metrics-export-port={metrics}", "--num-cpus=2", f"--temp-dir={temp}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
-        yield f"http://127.0.0.1:{dash}"
+        yield f"http://127.0.0.1:{dash}", env
     finally:
         try:
             os.killpg(head.pid, signal.SIGTERM)
@@ -71,10 +87,13 @@ def ray_head(tmp_path):
 
 
 def test_quickstart_succeeds_under_ray_job_submit(ray_head, tmp_path):
+    address, env = ray_head
+    # Token authentication is on: the job API refuses a request that carries no token.
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
+    assert refused.value.code in (401, 403)
     out_dir = tmp_path / "out"
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", ray_head,
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", address,
            "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": [".git", "runs", "tests"]}),
            "--", "python", "-m", "sfl_ray.run", "--config", "jobs/quickstart.yaml",
            "--set", "stop.rounds=2", "--set", f"output.dir={out_dir}"]
