@@ -408,9 +408,34 @@ class ExperimentConfig(Section):
         return f"{self.output.dir.rstrip('/')}/{self.run_name()}"
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A mapping names the same key twice (PyYAML would silently keep the last one)."""
+
+    def __init__(self, key: Any, first_line: int, line: int):
+        super().__init__(f"key {key!r} appears twice in one mapping (lines {first_line} and {line})")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 as PyYAML reads it, except that 1e-3 is a float (1.1 wants 1.0e-3, so it was the
-    string "1e-3", which strict validation then refuses)."""
+    string "1e-3", which strict validation then refuses), and that a key given twice in one
+    mapping is an error: PyYAML keeps the last one, so a second `cluster:` section would silently
+    drop everything the first one set."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<:` merges are PyYAML's to resolve
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise DuplicateKey(key, seen[key], key_node.start_mark.line + 1)
+                    seen[key] = key_node.start_mark.line + 1
+                except TypeError:
+                    continue  # an unhashable key: PyYAML's own error follows
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
@@ -441,7 +466,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         try:
             node[parts[-1]] = _parse_scalar(value)
         except yaml.YAMLError as exc:
-            raise ConfigError(key, value, f"not a YAML value ({exc.__class__.__name__})") from None
+            why = str(exc) if isinstance(exc, DuplicateKey) else f"not a YAML value ({exc.__class__.__name__})"
+            raise ConfigError(key, value, why) from None
     # Switching algorithm.name drops the previous algorithm's own keys, so that
     # `--set algorithm.name=X` alone always works.
     algo = out.get("algorithm")
@@ -501,6 +527,8 @@ def load_config(path: Optional[str], overrides: Optional[list[str]] = None) -> E
         except UnicodeDecodeError as exc:
             raise ConfigError("--config", path, f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
                               f"offset {exc.start})") from None
+        except DuplicateKey as exc:
+            raise ConfigError("--config", path, str(exc)) from None
         except yaml.YAMLError as exc:
             raise ConfigError("--config", path, f"not valid YAML ({exc.__class__.__name__})") from None
         if not isinstance(raw, dict):

@@ -62,3 +62,36 @@ def test_every_job_file_parses_and_says_how_to_run_it(path):
     assert re.match(rf"# sfl-ray (run|compare) --config {name}\b", first), first  # a command that works anywhere
     assert "# Data:" in text.split("\n\n")[0].split("\nalgorithm:")[0]  # and where its data comes from
     load_config(path)
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    # a second section: PyYAML keeps the last, so `backend: local` would be dropped without a word
+    ("algorithm:\n  name: fedavg\ncluster:\n  backend: local\ntrain:\n  lr: 0.1\ncluster:\n  num_pools: 1\n",
+     "cluster", "lines 3 and 7"),
+    ("train:\n  lr: 0.1\n  batch_size: 8\n  lr: 0.2\n", "lr", "lines 2 and 4"),  # nested
+    ("train: {lr: 0.1, lr: 0.2}\n", "lr", "lines 1 and 1"),  # flow style, one line
+])
+def test_a_key_given_twice_in_a_job_file_is_refused(tmp_path, capsys, text, key, lines):
+    job = tmp_path / "job.yaml"
+    job.write_text(text)
+    out = tmp_path / "runs"
+    assert main(["--config", str(job), "--set", f"output.dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"key {key!r} appears twice" in err and lines in err and str(job) in err, err
+    assert not out.exists()  # refused before anything is written
+
+
+def test_a_set_value_with_a_key_twice_is_refused(capsys):
+    assert main(["--config", "jobs/quickstart.yaml", "--set", "train={lr: 0.1, lr: 0.2}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train=" in err and "key 'lr' appears twice" in err, err
+
+
+def test_merge_keys_and_distinct_keys_still_load():
+    import yaml
+
+    from sfl_ray.config import _Loader
+    text = "base: &b\n  lr: 0.1\n  momentum: 0.9\ntrain:\n  <<: *b\n  lr: 0.2\n"
+    assert yaml.load(text, Loader=_Loader) == {"base": {"lr": 0.1, "momentum": 0.9},
+                                               "train": {"lr": 0.2, "momentum": 0.9}}
