@@ -12,7 +12,8 @@ drifts (a shared VM's does, by 20% within an hour) weighs on all of them alike. 
 except its last (which also evaluates) are timed; each figure is the median over every timed
 round of every repeat, and each ratio is also given per repeat. A Ray run's first round is
 slower (its pools create their clients' state and fill their caches), so it is also reported on
-its own, for every way. Prints them; the last line is one JSON object (unprefixed keys are
+its own, for every way. For FedAvg on Ray it also reads Ray's timeline: how long the pools
+wait for the busiest of them in a round, and how long they idle between rounds. Prints them; the last line is one JSON object (unprefixed keys are
 FedAvg's).
 """
 
@@ -89,6 +90,32 @@ def floor_rounds(algo: str, clients: int, rounds: int) -> list[float]:
     return times
 
 
+def pool_rounds(since_s: float, until_s: float) -> list[dict]:
+    """Where a parallel Ray round's time goes, from Ray's timeline: per round (the pools' calls
+    between two dispatches), each pool's busy time, the span from the first call's start to the
+    last call's end, and the idle gap before the round's first call. A pool's calls run one after
+    another, so a round lasts as long as its busiest pool; the others wait for it."""
+    import ray
+    calls = sorted((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, e["tid"]) for e in ray.timeline()
+                   if e.get("ph") == "X" and e.get("name") == "run_many" and since_s <= e["ts"] / 1e6 <= until_s)
+    rounds: list[list[tuple]] = []
+    for call in calls:  # a round's calls go out together; the next round's start after all ended
+        if rounds and call[0] <= max(c[1] for c in rounds[-1]):
+            rounds[-1].append(call)
+        else:
+            rounds.append([call])
+    out, prev_end = [], None
+    for r in rounds:
+        busy: dict = {}
+        for start, end, pool in r:
+            busy[pool] = busy.get(pool, 0.0) + end - start
+        first, last = min(c[0] for c in r), max(c[1] for c in r)
+        out.append({"span_s": last - first, "busy_s": sorted(busy.values()),
+                    "gap_before_s": None if prev_end is None else first - prev_end})
+        prev_end = last
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=6)
@@ -104,14 +131,18 @@ def main() -> None:
         rounds: dict[str, list[float]] = {w: [] for w in ways}
         per_repeat: dict[str, list[float]] = {w: [] for w in ways}
         first: dict[str, list[float]] = {w: [] for w in ways}  # each run's round 1, on its own too
+        split: list[dict] = []  # FedAvg on Ray: its rounds as Ray's timeline shows them
         for rep in range(args.repeats):
             for backend in ways:
                 if backend == "floor":
                     times = floor_rounds(algo, args.clients, args.rounds)
                 else:
+                    since = time.time()
                     rows, _ = run_job("quickstart", out, f"{algo}-{backend}-{rep}",
                                       overrides(algo, args.clients, args.rounds, backend))
                     times = [r["wall_s"] for r in rows]
+                    if algo == "fedavg" and backend == "ray":
+                        split += pool_rounds(since, time.time())[1:]  # the first round fills caches
                 timed = times[:-1] or times  # the last round also evaluates
                 rounds[backend] += timed
                 first[backend].append(times[0])
@@ -133,6 +164,18 @@ def main() -> None:
               f"ray/floor {t['ray'] / t['floor']:.2f} (per repeat {' '.join(f'{x:.2f}' for x in floor_ratio)}), "
               f"ray/local {t['ray'] / t['local']:.2f} (per repeat {' '.join(f'{x:.2f}' for x in local_ratio)})",
               flush=True)
+        if split:
+            spans = [r["span_s"] for r in split]
+            # what a round would take if every pool were as busy as their mean (perfect balance)
+            waiting = [r["span_s"] - sum(r["busy_s"]) / len(r["busy_s"]) for r in split]
+            gaps = [r["gap_before_s"] for r in split if r["gap_before_s"] is not None]
+            res.update({"pool_span_s": median(spans), "pool_wait_s": median(waiting),
+                        "pool_wait_share": median([w / s for w, s in zip(waiting, spans)]),
+                        "between_rounds_s": median(gaps) if gaps else None})
+            print(f"{algo:<12} Ray's timeline, {len(split)} rounds: pools' span {median(spans):.3f} s, of which "
+                  f"pools wait for the busiest {median(waiting):.3f} s "
+                  f"({100 * res['pool_wait_share']:.1f}%); between rounds the pools idle "
+                  + (f"{median(gaps) * 1e3:.0f} ms" if gaps else "-"), flush=True)
         if "ray_in_pool" in t:
             in_pool_ratio = [r / lo for r, lo in zip(per_repeat["ray_in_pool"], per_repeat["local"])]
             res.update({f"{prefix}ray_in_pool_s": t["ray_in_pool"],
