@@ -224,6 +224,11 @@ class ClusterConfig(Section):
         "client_gpus and server_gpus): a request is a function call, the fastest where device and server "
         "never compute at once (SL, SplitFed v2), but without overlap of the two where they could. The numbers are "
         "the same every way.")
+    balance_pools: bool = Field(
+        True, description="In a parallel round, a pool that has run its own clients takes clients not yet "
+        "started from a busier pool, where the algorithm declares the program portable (FedAvg) and the client "
+        "holds no state at its pool (e.g. plain SGD); the numbers are the same either way. false = each pool "
+        "runs exactly its own clients (client c on pool c % num_pools).")
     task_timeout_s: Optional[float] = Field(
         None, gt=0, le=1e7, description="Deadline for any single wait on a remote call (s). None = proportionate "
         "to the work: 600 s until a client call has completed, then 10x the longest client call seen (at least "

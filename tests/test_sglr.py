@@ -159,7 +159,8 @@ def test_one_client_sglr_equals_sl(run_dir, reduction):
 
 @pytest.mark.parametrize("alpha, factor", [(0.5, 2.0), (1.0, 4.0), (0.0, 1.0)])
 def test_server_lr_is_client_lr_times_n_to_the_alpha(run_dir, alpha, factor):
-    cfg, coord, ex = _sglr(run_dir, f"algorithm.alpha={alpha}", "data.max_train_samples=400")
+    # momentum: the client's optimizer then has state, kept between programs (plain SGD keeps none)
+    cfg, coord, ex = _sglr(run_dir, f"algorithm.alpha={alpha}", "data.max_train_samples=400", "train.momentum=0.9")
     row = coord.run_one_round(1)
     lrs = [g["lr"] for g in ex.servers[0].program.opt.param_groups]
     assert lrs == [pytest.approx(factor * cfg.train.lr)]

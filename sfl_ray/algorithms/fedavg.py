@@ -24,6 +24,7 @@ class FedAvg(Algorithm):
     name = "fedavg"
     config_cls = FedAvgConfig
     server_cls = None  # no server block: the whole model is on the device
+    portable_programs = frozenset({"client_program"})  # weights in, weights out; state: its optimizer only
 
     def init_global(self, parts: ModelParts) -> None:
         self.global_model = module_weights(parts.full())

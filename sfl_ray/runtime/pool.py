@@ -89,6 +89,20 @@ class ClientPool:
     def set_state(self, states: dict) -> None:
         """Restore `get_state()` (for the clients this pool hosts); modules in client state are
         copies of the device block."""
+        self._open_trackers.clear()
+        # Clients absent from `states` had none: they start afresh, as if never sampled.
+        self.state = defaultdict(dict, {int(c): self._unpack_state(st) for c, st in states.items()
+                                        if int(c) in self.shards})
+
+    def put_state(self, states: dict) -> None:
+        """Take the state of hosted clients that a program left on another pool (packed as
+        `get_state` packs it), beside the state of the others."""
+        for c, st in states.items():
+            if int(c) not in self.shards:
+                raise KeyError(f"client {c} is not hosted by this pool")
+            self.state[int(c)] = self._unpack_state(st)
+
+    def _unpack_state(self, st: dict) -> dict:
         import copy
 
         from sfl_ray.runtime.checkpoint import from_tree
@@ -98,10 +112,7 @@ class ClientPool:
             m.load_state_dict(sd)
             return m
 
-        self._open_trackers.clear()
-        # Clients absent from `states` had none: they start afresh, as if never sampled.
-        self.state = defaultdict(dict, {int(c): from_tree(st, device_copy) for c, st in states.items()
-                                        if int(c) in self.shards})
+        return from_tree(st, device_copy)
 
     def ping(self) -> dict:
         """Where this pool runs (for placement checks and health)."""
@@ -165,7 +176,7 @@ class ClientPool:
         down = decode(down)  # counted as it came (compressed gradients), used as float32
         tracker = self._open_trackers.pop(client, None) or MemoryTracker()
         meter = Meter(measure, self.device, tracker, self.flop_cache)
-        ctx = ClientContext(client, rnd, self.blueprint, self.parts, self.data, self.shards[client],
+        ctx = ClientContext(client, rnd, self.blueprint, self.parts, self.data, self._shard(client),
                             Link(endpoint, client, ledger, self.blueprint.codec), self.state[client], tracker,
                             self.device, meter=meter, program=program)
         try:
@@ -191,7 +202,25 @@ class ClientPool:
             log.error("client %d failed in round %d:\n%s", client, rnd, reply.error)
         reply.bytes = {f"{d}/{k}": v for (d, k), v in ledger.bytes.items()}
         reply.messages = dict(ledger.messages)
+        if client in self.shards:
+            reply.keeps_state = bool(self.state.get(client)) or client in self._open_trackers
+        else:  # a guest (runtime balancing): whatever it left here belongs to its own pool
+            self._leave_guest(client, reply)
         return reply
+
+    def _shard(self, client: int):
+        """A client's sample indices: a hosted one's, or a guest's from the run's partition."""
+        if client in self.shards or not isinstance(self.shards, ClientShards):
+            return self.shards[client]
+        return self.shards.partition[client]
+
+    def _leave_guest(self, client: int, reply: ClientReply) -> None:
+        """A guest keeps nothing here: its state goes back with the reply, to its own pool."""
+        from sfl_ray.runtime.checkpoint import pack, to_tree
+        state = self.state.pop(client, None)
+        continued = self._open_trackers.pop(client, None) is not None
+        reply.guest_state = pack(to_tree(state)) if state else None
+        reply.keeps_state = bool(state) or continued
 
 
 __all__ = ["ClientPool", "pick_device", "UP", "DOWN"]

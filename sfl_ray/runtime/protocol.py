@@ -95,6 +95,10 @@ class ClientReply:
     saved_tensors: int = 0
     error: Optional[str] = None                       # traceback if the program failed
     lost: Optional[str] = None                        # a server block it talked to died (ActorLost)
+    # Whether the client's pool holds state for it after this program (a pool may then hand the
+    # client's next portable program to another pool only if not: see Algorithm.portable_programs).
+    keeps_state: bool = True
+    guest_state: Optional[dict] = None                # state a program left on a pool not the client's own
 
 
 class ClientContext:
@@ -184,7 +188,10 @@ class ClientContext:
     def save_optimizers(self) -> None:
         """Keep this program's optimizer state for the client's next program (runtime calls it)."""
         for key, opt in self.optimizers.items():
-            self.state[f"optim/{key}"] = (self.round, opt.state_dict())
+            if opt.state:
+                self.state[f"optim/{key}"] = (self.round, opt.state_dict())
+            else:  # no per-parameter state (plain SGD): a fresh optimizer is the same, keep nothing
+                self.state.pop(f"optim/{key}", None)
         self.optimizers = {}
 
     def continue_measuring(self) -> None:
@@ -336,6 +343,11 @@ class Algorithm(abc.ABC):
     server_cls: ClassVar[Optional[type[ServerProgram]]] = None
     # One server model trained by everyone (the default) cannot be spread over several blocks.
     max_servers: ClassVar[Optional[int]] = 1
+    # Client programs that may run on any pool, not only the client's own: they keep nothing in
+    # the client's state across programs but its optimizers, and talk to no server block. A pool
+    # that has run its own clients of a parallel round takes such programs of clients that hold
+    # no state from a busier pool (cluster.balance_pools); the result does not depend on the pool.
+    portable_programs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, blueprint: Blueprint):
         self.blueprint = blueprint

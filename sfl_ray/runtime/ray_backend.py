@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import ray
@@ -52,9 +53,15 @@ class RayEndpoint:
 class RayExecutor:
     """Dispatches client programs to pool actors and control calls to server actors."""
 
-    def __init__(self, pools: list, servers: list, timeout_s: Optional[float], blueprint=None, cluster=None):
+    def __init__(self, pools: list, servers: list, timeout_s: Optional[float], blueprint=None, cluster=None,
+                 portable: frozenset = frozenset()):
         self.pools, self.servers, self.fixed_timeout_s = pools, servers, timeout_s
         self.blueprint, self.cluster = blueprint, cluster
+        # Balancing (cluster.balance_pools): programs that may run on any pool, the clients known to
+        # hold no state at their own pool (learnt from their replies), clients run elsewhere so far.
+        self.portable = portable if getattr(cluster, "balance_pools", False) else frozenset()
+        self.movable: set[int] = set()
+        self.guest_runs = 0
         self.num_servers = len(servers)
         self.longest_call_s = 0.0  # the slowest client call so far: waits scale with it
         self.exchange = getattr(cluster, "exchange", "actor_calls")
@@ -90,6 +97,7 @@ class RayExecutor:
                     per_client: Optional[Mapping[int, dict]] = None,
                     measure: Optional[Callable[[int], str]] = None) -> list[ClientReply]:
         shared = ray.put(down)  # one copy in the object store, read by every pool
+        on_done = self._learning(on_done)
 
         def how(c: int) -> str:
             return measure(c) if measure else "exact"
@@ -103,14 +111,14 @@ class RayExecutor:
         if not parallel and self.in_pool:
             # Each block is reached by its own pool only, which runs its share in the round's
             # order: every block sees its clients in the order one-by-one calls would give.
-            return self._dispatch(program, clients, rnd, shared, per_client, how, who, on_done)
+            return self._dispatch(program, clients, rnd, shared, per_client, how, on_done)
         if not parallel and self._in_turns(clients):
             # Unique across coordinators: a recovered one must not resume a dead one's sequence.
             seq, n = int.from_bytes(os.urandom(7), "little"), len(self.servers)
             for j, server in enumerate(self.servers):
                 self._get(server.begin_turns.remote(seq, [c for c in clients if c % n == j]), f"server block {j}")
             try:
-                return self._dispatch(program, clients, rnd, shared, per_client, how, who, on_done, seq)
+                return self._dispatch(program, clients, rnd, shared, per_client, how, on_done, seq)
             finally:  # releases a pool still waiting for a turn if the round was abandoned
                 try:
                     ray.get([s.end_turns.remote(seq) for s in self.servers], timeout=self.timeout_s)
@@ -127,7 +135,7 @@ class RayExecutor:
                 if r.error or r.lost:
                     break  # a sequential schedule cannot go on past a failed client
             return out
-        return self._dispatch(program, clients, rnd, shared, per_client, how, who, on_done)
+        return self._dispatch(program, clients, rnd, shared, per_client, how, on_done)
 
     def _in_turns(self, clients: Sequence[int]) -> bool:
         """A sequential dispatch runs on every pool at once, in turns at the server blocks
@@ -135,42 +143,99 @@ class RayExecutor:
         channel threads wait for turns, while its one actor thread could not."""
         return len(clients) > 1 and bool(self.servers) and self.links.get("actor_calls", 1) == 0
 
-    def _dispatch(self, program, clients, rnd, shared, per_client, how, who, on_done, seq=None) -> list[ClientReply]:
-        """Every pool gets its share of `clients` (in their order) in a few calls (CHUNKS_PER_POOL),
-        not a call per client: a call costs the coordinator, the raylet and the pool milliseconds
-        of CPU, taken from the cores the clients train on."""
-        t0 = time.perf_counter()
-        chunks: dict = {}
-        for pool_index in range(len(self.pools)):
-            mine = [i for i, c in enumerate(clients) if c % len(self.pools) == pool_index]
-            size = max(1, math.ceil(len(mine) / CHUNKS_PER_POOL))
-            for k in range(0, len(mine), size):
-                part = mine[k:k + size]
-                ids = [clients[i] for i in part]
-                extra = {c: per_client[c] for c in ids if per_client and c in per_client}
-                ref = self.pools[pool_index].run_many.remote(program, ids, rnd, shared, extra, [how(c) for c in ids], seq)
-                chunks[ref] = part
+    def _learning(self, on_done: Callable[[ClientReply], None]) -> Callable[[ClientReply], None]:
+        """`on_done`, after noting whether the client may run on another pool next time."""
+        def done(r: ClientReply) -> None:
+            if r.keeps_state or r.error or r.lost:
+                self.movable.discard(r.client)
+            else:
+                self.movable.add(r.client)
+            on_done(r)
+        return done
+
+    def _dispatch(self, program, clients, rnd, shared, per_client, how, on_done, seq=None) -> list[ClientReply]:
+        """Every pool gets its share of `clients` (in their order) in a few calls, not a call per
+        client: a call costs the coordinator, the raylet and the pool milliseconds of CPU, taken
+        from the cores the clients train on. Without balancing, CHUNKS_PER_POOL calls each, all
+        at once. With it (a portable program, see Algorithm.portable_programs), two calls at a time
+        per pool, each a third of what is left of its share, so that a pool that has run its share
+        can take the tail of a busier pool's (clients that hold no state at their pool)."""
+        n = len(self.pools)
+        queues = [deque(i for i, c in enumerate(clients) if c % n == p) for p in range(n)]
+        balance = (program in self.portable and seq is None and not self.in_pool and n > 1
+                   and any(c in self.movable for c in clients))
+        calls: dict = {}  # ref -> (pool, indices into clients)
+        in_flight = [0] * n
+
+        def send(p: int, part: list[int]) -> None:
+            ids = [clients[i] for i in part]
+            extra = {c: per_client[c] for c in ids if per_client and c in per_client}
+            calls[self.pools[p].run_many.remote(program, ids, rnd, shared, extra, [how(c) for c in ids], seq)] = (p, part)
+            in_flight[p] += 1
+
+        def feed(p: int) -> None:
+            """Keep pool p two calls deep: its own clients first, then a busier pool's movable tail."""
+            while in_flight[p] < 2:
+                own = queues[p]
+                if own:
+                    send(p, [own.popleft() for _ in range(max(1, math.ceil(len(own) / 3)))])
+                    continue
+                tails = [self._movable_tail(clients, queues[v]) for v in range(n)]
+                victim = max(range(n), key=lambda v: tails[v])
+                if tails[victim] == 0:
+                    return
+                taken = [queues[victim].pop() for _ in range(math.ceil(tails[victim] / 2))]
+                self.guest_runs += len(taken)
+                send(p, taken[::-1])
+
+        if balance:
+            for p in range(n):
+                feed(p)
+        else:
+            for p, own in enumerate(queues):
+                size = max(1, math.ceil(len(own) / CHUNKS_PER_POOL))
+                while own:
+                    send(p, [own.popleft() for _ in range(min(size, len(own)))])
         # A pool runs its calls one after another: a call's share of the wait is the time since
         # its pool's previous reply.
+        t0 = time.perf_counter()
         last_reply: dict[int, float] = {}
         results: list[Optional[ClientReply]] = [None] * len(clients)
-        pending = list(chunks)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=self.timeout_s)
+        guests: dict[int, dict] = {}  # home pool -> {client: state a program left on another pool}
+        while calls:
+            ready, _ = ray.wait(list(calls), num_returns=1, timeout=self.timeout_s)
             if not ready:
-                late = sorted(clients[i] for p in pending for i in chunks[p])
+                late = sorted(clients[i] for _, part in calls.values() for i in part)
                 raise TimeoutError(f"round {rnd}: clients {late[:10]} (on pools "
-                                   f"{sorted({c % len(self.pools) for c in late})}) did not reply within "
+                                   f"{sorted({p for p, _ in calls.values()})}) did not reply within "
                                    f"cluster.task_timeout_s={self.timeout_s}s")
-            part = chunks[ready[0]]
-            replies = self._get(ready[0], who(clients[part[0]]))
-            now, pool = time.perf_counter(), clients[part[0]] % len(self.pools)
+            pool, part = calls.pop(ready[0])
+            in_flight[pool] -= 1
+            replies = self._get(ready[0], f"client pool {pool} (running clients {[clients[i] for i in part][:10]}, "
+                                          f"round {rnd}, {program})")
+            now = time.perf_counter()
             self.longest_call_s = max(self.longest_call_s, now - last_reply.get(pool, t0))
             last_reply[pool] = now
+            if balance:
+                feed(pool)
             for i, r in zip(part, replies):
                 results[i] = r
+                if r.guest_state is not None:
+                    guests.setdefault(r.client % n, {})[r.client] = r.guest_state
+                    r.guest_state = None
                 on_done(r)
+        for p, states in guests.items():  # before any later call to that pool: calls keep their order
+            self._get(self.pools[p].put_state.remote(states), f"client pool {p}")
         return results  # type: ignore[return-value]
+
+    def _movable_tail(self, clients: Sequence[int], queue: deque) -> int:
+        """How many of a pool's queued clients, from the end, may run on another pool."""
+        k = 0
+        for i in reversed(queue):
+            if clients[i] not in self.movable:
+                break
+            k += 1
+        return k
 
     def connect(self) -> dict:
         """Give every pool a channel pair to each server block on its node (cluster.exchange=
@@ -419,7 +484,8 @@ def start_actors(algorithm_cls, blueprint, train_x, train_y, shards, cluster) ->
         raise TimeoutError(f"{pools_n} pool(s) and {servers_n} server block(s) were not all scheduled within "
                            f"{wait}s; cluster resources: {ray.cluster_resources()}") from None
     log.info("started %d client pool(s) and %d server block(s)%s", pools_n, servers_n, " in them" if in_pool else "")
-    ex = RayExecutor(pools, list(pools) if in_pool else servers, cluster.task_timeout_s, blueprint, cluster)
+    ex = RayExecutor(pools, list(pools) if in_pool else servers, cluster.task_timeout_s, blueprint, cluster,
+                     portable=frozenset(algorithm_cls.portable_programs))
     # The actors' constructor arguments must outlive start-up: Ray re-reads them to restart one.
     ex.keep_alive = tuple(held)
     links = ex.connect()
