@@ -3,7 +3,7 @@ every client every round, Dirichlet 0.5, batch 32, SGD 0.05, one local epoch) on
 on the local backend, and as a plain single-process PyTorch loop written here (the floor: the
 same batches through the same models, nothing else), measured side by side in one run.
 
-    python bench/overhead.py [--rounds 6] [--repeats 3] [--clients 100]
+    python bench/overhead.py [--rounds 6] [--repeats 3] [--clients 100] [--algos fedavg,splitfed_v2]
 
 SplitFed v2 also runs on Ray with its server block in the pool's process (cluster.exchange=
 in_pool: requests are function calls, no hand-over between processes). The ways take turns,
@@ -12,9 +12,10 @@ drifts (a shared VM's does, by 20% within an hour) weighs on all of them alike. 
 except its last (which also evaluates) are timed; each figure is the median over every timed
 round of every repeat, and each ratio is also given per repeat. A Ray run's first round is
 slower (its pools create their clients' state and fill their caches), so it is also reported on
-its own, for every way. For FedAvg on Ray it also reads Ray's timeline: how long the pools
-wait for the busiest of them in a round, and how long they idle between rounds. Prints them; the last line is one JSON object (unprefixed keys are
-FedAvg's).
+its own, for every way. FedAvg also runs on Ray with every client on its own pool
+(cluster.balance_pools=false), and for both Ray ways the script reads Ray's timeline: how long
+the pools wait for the busiest of them in a round, and how long they idle between rounds.
+Prints them; the last line is one JSON object (unprefixed keys are FedAvg's).
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ from sfl_ray.run import prepare
 
 
 def overrides(algo: str, clients: int, rounds: int, backend: str) -> list[str]:
-    """`backend`: ray, local, or ray_in_pool (Ray with the server block in the pool's process)."""
+    """`backend`: ray, local, ray_in_pool (Ray with the server block in the pool's process) or
+    ray_unbalanced (Ray with every client on its own pool: cluster.balance_pools=false)."""
     where = [f"cluster.backend={backend}"]
     if backend == "ray_in_pool":
         where = ["cluster.backend=ray", "cluster.exchange=in_pool"]
+    if backend == "ray_unbalanced":
+        where = ["cluster.backend=ray", "cluster.balance_pools=false"]
     return [f"algorithm.name={algo}", *where, f"train.num_clients={clients}",
             f"train.clients_per_round={clients}", f"stop.rounds={rounds}", "stop.target_metric=null",
             "train.eval_every=1000"]  # evaluation only after the last round: rounds time training
@@ -121,17 +125,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3, help="turns of Ray, local and floor, one after another")
     ap.add_argument("--clients", type=int, default=100)
+    ap.add_argument("--algos", default="fedavg,splitfed_v2", help="which of fedavg,splitfed_v2 to run")
     args = ap.parse_args()
     start_local_ray()
     out = tempfile.mkdtemp(prefix="sfl_bench_overhead")
     res: dict = {"bench": "overhead", "clients": args.clients, "rounds": args.rounds, "repeats": args.repeats}
-    for algo in ("fedavg", "splitfed_v2"):
+    for algo in args.algos.split(","):
         # SplitFed v2 also with its server block in the pool's process (cluster.exchange=in_pool)
-        ways = ("ray", "local", "floor") if algo == "fedavg" else ("ray", "ray_in_pool", "local", "floor")
+        ways = (("ray", "ray_unbalanced", "local", "floor") if algo == "fedavg"
+                else ("ray", "ray_in_pool", "local", "floor"))
         rounds: dict[str, list[float]] = {w: [] for w in ways}
         per_repeat: dict[str, list[float]] = {w: [] for w in ways}
         first: dict[str, list[float]] = {w: [] for w in ways}  # each run's round 1, on its own too
-        split: list[dict] = []  # FedAvg on Ray: its rounds as Ray's timeline shows them
+        split: dict[str, list[dict]] = {w: [] for w in ways}  # FedAvg on Ray: rounds as Ray's timeline shows them
         for rep in range(args.repeats):
             for backend in ways:
                 if backend == "floor":
@@ -141,8 +147,8 @@ def main() -> None:
                     rows, _ = run_job("quickstart", out, f"{algo}-{backend}-{rep}",
                                       overrides(algo, args.clients, args.rounds, backend))
                     times = [r["wall_s"] for r in rows]
-                    if algo == "fedavg" and backend == "ray":
-                        split += pool_rounds(since, time.time())[1:]  # the first round fills caches
+                    if algo == "fedavg" and backend.startswith("ray"):  # the first round fills caches
+                        split[backend] += pool_rounds(since, time.time())[1:]
                 timed = times[:-1] or times  # the last round also evaluates
                 rounds[backend] += timed
                 first[backend].append(times[0])
@@ -164,18 +170,28 @@ def main() -> None:
               f"ray/floor {t['ray'] / t['floor']:.2f} (per repeat {' '.join(f'{x:.2f}' for x in floor_ratio)}), "
               f"ray/local {t['ray'] / t['local']:.2f} (per repeat {' '.join(f'{x:.2f}' for x in local_ratio)})",
               flush=True)
-        if split:
-            spans = [r["span_s"] for r in split]
-            # what a round would take if every pool were as busy as their mean (perfect balance)
-            waiting = [r["span_s"] - sum(r["busy_s"]) / len(r["busy_s"]) for r in split]
-            gaps = [r["gap_before_s"] for r in split if r["gap_before_s"] is not None]
-            res.update({"pool_span_s": median(spans), "pool_wait_s": median(waiting),
-                        "pool_wait_share": median([w / s for w, s in zip(waiting, spans)]),
-                        "between_rounds_s": median(gaps) if gaps else None})
-            print(f"{algo:<12} Ray's timeline, {len(split)} rounds: pools' span {median(spans):.3f} s, of which "
-                  f"pools wait for the busiest {median(waiting):.3f} s "
-                  f"({100 * res['pool_wait_share']:.1f}%); between rounds the pools idle "
+        for way, seen in split.items():
+            if not seen:
+                continue
+            spans = [r["span_s"] for r in seen]
+            # how long a round's pools wait for the busiest: its span less their mean busy time
+            waiting = [r["span_s"] - sum(r["busy_s"]) / len(r["busy_s"]) for r in seen]
+            gaps = [r["gap_before_s"] for r in seen if r["gap_before_s"] is not None]
+            key = "" if way == "ray" else "unbalanced_"
+            res.update({f"{key}pool_span_s": median(spans), f"{key}pool_wait_s": median(waiting),
+                        f"{key}pool_wait_share": median([w / s for w, s in zip(waiting, spans)]),
+                        f"{key}between_rounds_s": median(gaps) if gaps else None})
+            print(f"{algo:<12} {way}: Ray's timeline, {len(seen)} rounds: pools' span {median(spans):.3f} s, of "
+                  f"which pools wait for the busiest {median(waiting):.3f} s "
+                  f"({100 * res[f'{key}pool_wait_share']:.1f}%); between rounds the pools idle "
                   + (f"{median(gaps) * 1e3:.0f} ms" if gaps else "-"), flush=True)
+        if "ray_unbalanced" in t:
+            bal = [b / u for b, u in zip(per_repeat["ray"], per_repeat["ray_unbalanced"])]
+            res.update({"unbalanced_ray_s": t["ray_unbalanced"], "balanced_over_unbalanced": t["ray"] / t["ray_unbalanced"],
+                        "balanced_over_unbalanced_per_repeat": bal})
+            print(f"{algo:<12} every client on its own pool (cluster.balance_pools=false): {t['ray_unbalanced']:.3f} s; "
+                  f"balanced/unbalanced {t['ray'] / t['ray_unbalanced']:.3f} "
+                  f"(per repeat {' '.join(f'{x:.3f}' for x in bal)})", flush=True)
         if "ray_in_pool" in t:
             in_pool_ratio = [r / lo for r, lo in zip(per_repeat["ray_in_pool"], per_repeat["local"])]
             res.update({f"{prefix}ray_in_pool_s": t["ray_in_pool"],
