@@ -57,10 +57,11 @@ class RayExecutor:
                  portable: frozenset = frozenset()):
         self.pools, self.servers, self.fixed_timeout_s = pools, servers, timeout_s
         self.blueprint, self.cluster = blueprint, cluster
-        # Balancing (cluster.balance_pools): programs that may run on any pool, the clients known to
-        # hold no state at their own pool (learnt from their replies), clients run elsewhere so far.
+        # Balancing (cluster.balance_pools): programs that may run on any pool; the clients whose
+        # pool holds state for them (none in fresh pools; then as their replies and restored
+        # states say), which stay at their pool; clients run on another pool so far.
         self.portable = portable if getattr(cluster, "balance_pools", False) else frozenset()
-        self.movable: set[int] = set()
+        self.stateful: set[int] = set()
         self.guest_runs = 0
         self.num_servers = len(servers)
         self.longest_call_s = 0.0  # the slowest client call so far: waits scale with it
@@ -147,9 +148,9 @@ class RayExecutor:
         """`on_done`, after noting whether the client may run on another pool next time."""
         def done(r: ClientReply) -> None:
             if r.keeps_state or r.error or r.lost:
-                self.movable.discard(r.client)
+                self.stateful.add(r.client)
             else:
-                self.movable.add(r.client)
+                self.stateful.discard(r.client)
             on_done(r)
         return done
 
@@ -163,7 +164,7 @@ class RayExecutor:
         n = len(self.pools)
         queues = [deque(i for i, c in enumerate(clients) if c % n == p) for p in range(n)]
         balance = (program in self.portable and seq is None and not self.in_pool and n > 1
-                   and any(c in self.movable for c in clients))
+                   and any(c not in self.stateful for c in clients))
         calls: dict = {}  # ref -> (pool, indices into clients)
         in_flight = [0] * n
 
@@ -232,7 +233,7 @@ class RayExecutor:
         """How many of a pool's queued clients, from the end, may run on another pool."""
         k = 0
         for i in reversed(queue):
-            if clients[i] not in self.movable:
+            if clients[i] in self.stateful:
                 break
             k += 1
         return k
@@ -301,6 +302,7 @@ class RayExecutor:
         return out
 
     def load_client_states(self, states: dict) -> None:
+        self.stateful = {int(c) for c in states}  # every pool's state is replaced by these
         ref = ray.put(states)
         refs = [p.set_state.remote(ref) for p in self.pools]
         for i, r in enumerate(refs):
