@@ -95,21 +95,23 @@ def floor_rounds(algo: str, clients: int, rounds: int) -> list[float]:
 
 
 def pool_rounds(since_s: float, until_s: float) -> list[dict]:
-    """Where a parallel Ray round's time goes, from Ray's timeline: per round (the pools' calls
-    between two dispatches), each pool's busy time, the span from the first call's start to the
-    last call's end, and the idle gap before the round's first call. A pool's calls run one after
+    """Where a parallel Ray round's time goes, from Ray's timeline: per round, each pool's busy
+    time, the span from the round's first call's start to its last call's end, and the idle gap
+    before its first call. A round's calls are those before the round-start snapshot's state
+    fetches (`get_state`, one per pool, after every round on Ray). A pool's calls run one after
     another, so a round lasts as long as its busiest pool; the others wait for it."""
     import ray
-    calls = sorted((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, e["tid"]) for e in ray.timeline()
-                   if e.get("ph") == "X" and e.get("name") == "run_many" and since_s <= e["ts"] / 1e6 <= until_s)
-    rounds: list[list[tuple]] = []
-    for call in calls:  # a round's calls go out together; the next round's start after all ended
-        if rounds and call[0] <= max(c[1] for c in rounds[-1]):
-            rounds[-1].append(call)
-        else:
-            rounds.append([call])
+    events = [e for e in ray.timeline() if e.get("ph") == "X" and since_s <= e["ts"] / 1e6 <= until_s]
+    calls = sorted((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, e["tid"]) for e in events if e.get("name") == "run_many")
+    ends: list[float] = []  # a round ends where its pools are asked for their clients' state
+    for t in sorted(e["ts"] / 1e6 for e in events if e.get("name") == "get_state"):
+        if not ends or t - ends[-1] > 0.05:
+            ends.append(t)
+    rounds: dict[int, list[tuple]] = {}
+    for call in calls:
+        rounds.setdefault(sum(1 for t in ends if t < call[0]), []).append(call)
     out, prev_end = [], None
-    for r in rounds:
+    for _, r in sorted(rounds.items()):
         busy: dict = {}
         for start, end, pool in r:
             busy[pool] = busy.get(pool, 0.0) + end - start
