@@ -110,9 +110,10 @@ def test_state_a_guest_makes_goes_to_its_own_pool_and_the_client_stays_there(ray
 
 @pytest.mark.slow
 def test_balancing_off_keeps_every_client_at_its_pool(ray_cluster, run_dir, slow_even):
-    _, coord, ex, _ = _run_both(run_dir, "cluster.balance_pools=false")
+    local, coord, ex, _ = _run_both(run_dir, "cluster.balance_pools=false")
     assert ex.guest_runs == 0
     assert [r["round"] for r in coord.writer.rows] == [1, 2, 3]
+    assert without_timing(coord.writer.rows) == without_timing(local.writer.rows)
 
 
 def _pools(tmp_path, *overrides: str):

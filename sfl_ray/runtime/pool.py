@@ -215,12 +215,12 @@ class ClientPool:
         return self.shards.partition[client]
 
     def _leave_guest(self, client: int, reply: ClientReply) -> None:
-        """A guest keeps nothing here: its state goes back with the reply, to its own pool."""
-        from sfl_ray.runtime.checkpoint import pack, to_tree
-        state = self.state.pop(client, None)
+        """A guest keeps nothing here: its state goes back with the reply (packed as get_state
+        packs it), to its own pool."""
+        reply.guest_state = self.get_state([client]).get(client)
+        self.state.pop(client, None)
         continued = self._open_trackers.pop(client, None) is not None
-        reply.guest_state = pack(to_tree(state)) if state else None
-        reply.keeps_state = bool(state) or continued
+        reply.keeps_state = reply.guest_state is not None or continued
 
 
 __all__ = ["ClientPool", "pick_device", "UP", "DOWN"]
