@@ -20,6 +20,8 @@ are the device block's and the server block's own parameters.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -59,12 +61,20 @@ class GPT2Device(nn.Module):
         return run_gpt2_blocks(self.h, self.config, h)  # (B, T, H) smashed activations
 
 
+@functools.lru_cache(maxsize=1)
+def _no_cache_kwarg() -> dict:
+    """create_causal_mask's "no KV cache" argument: `cache` in newer transformers, which warn
+    that `past_key_values` is going away; `past_key_values` in older ones."""
+    from transformers.masking_utils import create_causal_mask
+    return {"cache": None} if "cache" in inspect.signature(create_causal_mask).parameters else {"past_key_values": None}
+
+
 def run_gpt2_blocks(blocks: nn.ModuleList, config, h: torch.Tensor) -> torch.Tensor:
     from transformers.masking_utils import create_causal_mask
 
     pos = torch.arange(h.shape[1], device=h.device)[None]
-    mask = create_causal_mask(config=config, inputs_embeds=h, attention_mask=None, past_key_values=None,
-                              position_ids=pos)
+    mask = create_causal_mask(config=config, inputs_embeds=h, attention_mask=None, position_ids=pos,
+                              **_no_cache_kwarg())
     for block in blocks:
         h = block(h, None, mask, position_ids=pos)
     return h
