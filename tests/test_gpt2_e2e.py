@@ -13,13 +13,13 @@ from sfl_ray.runtime.launch import run_experiment
 from tests.helpers import local_coordinator, without_timing
 
 TINY = ["model.name=gpt2", "model.cut=block1", "model.transformer.n_layer=2", "model.transformer.n_embd=32",
-        "model.transformer.n_head=2", "model.transformer.n_positions=64", "data.name=e2e", "data.max_length=64",
+        "model.transformer.n_head=2", "model.transformer.n_positions=64", "data.name=e2e", "data.max_length=48",
         "data.max_train_samples=48", "data.max_test_samples=16", "train.num_clients=3", "train.batch_size=8",
         "train.optimizer=adam", "train.lr=0.003", "train.eval_batch_size=32", "stop.rounds=3",
         "output.progress=false"]
 ALGO = {
     "fsl_sage": ["algorithm.name=fsl_sage", "algorithm.upload_every=1", "algorithm.align_every=2",
-                 "algorithm.align_epochs=3", "algorithm.align_batch_size=8", "algorithm.buffer_size=16",
+                 "algorithm.align_epochs=1", "algorithm.align_batch_size=8", "algorithm.buffer_size=16",
                  "algorithm.aux.blocks=0"],
     "heron_sfl": ["algorithm.name=heron_sfl", "algorithm.upload_every=1", "algorithm.aux.blocks=0",
                   "algorithm.zo_lr=0.0001"],
