@@ -15,6 +15,9 @@ slower (its pools create their clients' state and fill their caches), so it is a
 its own, for every way. FedAvg also runs on Ray with every client on its own pool
 (cluster.balance_pools=false), and for both Ray ways the script reads Ray's timeline: how long
 the pools wait for the busiest of them in a round, and how long they idle between rounds.
+FedAvg's floor also runs split over two processes at once (floor2: half the clients each, one
+thread each, nothing exchanged): what two cores give plain PyTorch, so ray/floor2 is what the
+framework costs over the hardware's own parallel speed.
 Prints them; the last line is one JSON object (unprefixed keys are FedAvg's).
 """
 
@@ -48,23 +51,29 @@ def overrides(algo: str, clients: int, rounds: int, backend: str) -> list[str]:
             "train.eval_every=1000"]  # evaluation only after the last round: rounds time training
 
 
-def floor_rounds(algo: str, clients: int, rounds: int) -> list[float]:
-    """The same work in one process, one thread: per client, the round's batches through the model."""
+def floor_rounds(algo: str, clients: int, rounds: int, part: tuple[int, int] = (0, 1),
+                 barrier=None) -> list[float]:
+    """The same work in one process, one thread: per client, the round's batches through the model.
+    `part=(i, n)`: only every n-th client from the i-th (a share of the floor2 way), starting each
+    round at `barrier` with the other shares."""
     cfg = load_config("jobs/quickstart.yaml", overrides(algo, clients, rounds, "local"))
     _, data, shards, _ = prepare(cfg)
+    mine = list(enumerate(shards))[part[0]::part[1]]
     torch.set_num_threads(1)
     parts = build_parts(cfg.model.name, cfg.model.cut, data.input_shape, data.num_classes, cfg.seed, cfg.model)
     device, server = parts.device, parts.server
     lr, bs = cfg.train.lr, cfg.train.batch_size
     times = []
     for rnd in range(1, rounds + 1):
+        if barrier is not None:
+            barrier.wait()
         t0 = time.perf_counter()
         start = [p.detach().clone() for p in device.parameters()]
         start_srv = [p.detach().clone() for p in server.parameters()]
         acc_dev = [torch.zeros_like(p) for p in start]
         acc_srv = [torch.zeros_like(p) for p in start_srv]
         n_total = 0
-        for c, idx in enumerate(shards):
+        for c, idx in mine:
             with torch.no_grad():
                 for p, s in zip(device.parameters(), start):
                     p.copy_(s)
@@ -92,6 +101,27 @@ def floor_rounds(algo: str, clients: int, rounds: int) -> list[float]:
                     p.copy_(a / n_total)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def _floor_share(algo: str, clients: int, rounds: int, part: tuple[int, int], barrier, out) -> None:
+    out.put((part[0], floor_rounds(algo, clients, rounds, part, barrier)))
+
+
+def floor2_rounds(algo: str, clients: int, rounds: int, n: int = 2) -> list[float]:
+    """The floor's loop in `n` processes at once, each one thread and 1/n of the clients, starting
+    every round together; a round lasts as long as the slowest share. Each share averages its own
+    clients and exchanges nothing, so this is what the cores give with no framework at all: the
+    best any runtime can do here (it leaves out the averaging across shares, a few milliseconds)."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_floor_share, args=(algo, clients, rounds, (i, n), barrier, out)) for i in range(n)]
+    for p in procs:
+        p.start()
+    shares = dict(out.get() for _ in procs)
+    for p in procs:
+        p.join()
+    return [max(share[r] for share in shares.values()) for r in range(rounds)]
 
 
 def pool_rounds(since_s: float, until_s: float) -> list[dict]:
@@ -134,7 +164,7 @@ def main() -> None:
     res: dict = {"bench": "overhead", "clients": args.clients, "rounds": args.rounds, "repeats": args.repeats}
     for algo in args.algos.split(","):
         # SplitFed v2 also with its server block in the pool's process (cluster.exchange=in_pool)
-        ways = (("ray", "ray_unbalanced", "local", "floor") if algo == "fedavg"
+        ways = (("ray", "ray_unbalanced", "local", "floor", "floor2") if algo == "fedavg"
                 else ("ray", "ray_in_pool", "local", "floor"))
         rounds: dict[str, list[float]] = {w: [] for w in ways}
         per_repeat: dict[str, list[float]] = {w: [] for w in ways}
@@ -144,6 +174,8 @@ def main() -> None:
             for backend in ways:
                 if backend == "floor":
                     times = floor_rounds(algo, args.clients, args.rounds)
+                elif backend == "floor2":
+                    times = floor2_rounds(algo, args.clients, args.rounds)
                 else:
                     since = time.time()
                     rows, _ = run_job("quickstart", out, f"{algo}-{backend}-{rep}",
@@ -187,6 +219,13 @@ def main() -> None:
                   f"which pools wait for the busiest {median(waiting):.3f} s "
                   f"({100 * res[f'{key}pool_wait_share']:.1f}%); between rounds the pools idle "
                   + (f"{median(gaps) * 1e3:.0f} ms" if gaps else "-"), flush=True)
+        if "floor2" in t:
+            f2 = [r / f for r, f in zip(per_repeat["ray"], per_repeat["floor2"])]
+            res.update({"floor2_s": t["floor2"], "floor2_over_floor": t["floor2"] / t["floor"],
+                        "ray_over_floor2": t["ray"] / t["floor2"], "ray_over_floor2_per_repeat": f2})
+            print(f"{algo:<12} the floor's loop in two processes at once (floor2, no framework): {t['floor2']:.3f} s, "
+                  f"floor2/floor {t['floor2'] / t['floor']:.2f}; ray/floor2 {t['ray'] / t['floor2']:.2f} "
+                  f"(per repeat {' '.join(f'{x:.2f}' for x in f2)})", flush=True)
         if "ray_unbalanced" in t:
             bal = [b / u for b, u in zip(per_repeat["ray"], per_repeat["ray_unbalanced"])]
             res.update({"unbalanced_ray_s": t["ray_unbalanced"], "balanced_over_unbalanced": t["ray"] / t["ray_unbalanced"],
