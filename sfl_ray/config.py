@@ -141,11 +141,16 @@ class DataConfig(Section):
 class PartitionConfig(Section):
     """How the training samples are split across clients."""
 
-    name: Literal["iid", "dirichlet", "shards"] = Field("iid", description="iid; dirichlet: equal-size clients, "
+    name: Literal["iid", "dirichlet", "shards"] = Field("iid", description="iid; dirichlet: each client's "
                                                         "label mix ~ Dir(alpha); shards: label-sorted shards, "
                                                         "shards_per_client each.")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller = more skewed.")
     shards_per_client: int = Field(2, gt=0, description="shards: label-sorted shards per client.")
+    sizes: Literal["equal", "lognormal"] = Field(
+        "equal", description="How many samples each client holds (iid, dirichlet): equal, or lognormal: in "
+        "proportion to weights ~ LogNormal(0, size_sigma), at least one each (quantity skew).")
+    size_sigma: float = Field(1.0, gt=0, description="sizes=lognormal: the spread of client sizes; larger = more "
+                              "unequal (1.0: the largest of 100 clients holds about 10x the median).")
     field: Optional[str] = Field(None, description="Skew by this metadata field instead of the label (text data: "
                                  "E2E's eatType, food, area, ...); required for dirichlet/shards on language data.")
 

@@ -157,3 +157,24 @@ def test_an_optimizer_without_per_parameter_state_is_not_kept(tmp_path):
     pools[0].run("client_program", 0, 1, {"weights": weights}, "off")
     _, opt = pools[0].state[0]["optim/model"]
     assert all(torch.count_nonzero(s["exp_avg_sq"]) > 0 for s in opt["state"].values())
+
+
+@pytest.mark.slow
+def test_clients_of_unequal_size_give_the_local_numbers_on_balanced_pools(ray_cluster, run_dir):
+    """Quantity skew (partition.sizes=lognormal): the weighted average of clients that differ
+    tenfold in size, some run on the other pool, is the local backend's."""
+    common = ["algorithm.name=fedavg", "train.num_clients=12", "partition.sizes=lognormal",
+              "partition.size_sigma=1.5", "train.batch_size=16", "train.optimizer=adam", "cluster.num_pools=2"]
+    local_cfg = small_config(run_dir, *common, "output.name=local")
+    sizes = Partition.from_lists(prepare(local_cfg)[2]).sizes
+    assert sizes.max() > 5 * np.median(sizes)
+    local, _ = local_coordinator(local_cfg)
+    local.run()
+    coord, ex = ray_coordinator(small_config(run_dir, *common, "cluster.backend=ray", "output.name=ray"))
+    try:
+        coord.run()
+    finally:
+        ex.shutdown()
+    rows = without_timing(coord.writer.rows)
+    assert rows == without_timing(local.writer.rows)
+    assert all(np.isfinite(r["train_loss"]) for r in rows)

@@ -6,7 +6,7 @@ so ten thousand registered clients cost two arrays, not ten thousand objects.
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping, Sequence, Union
+from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -99,15 +99,32 @@ def _equal_offsets(n: int, parts: int) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(sizes)])
 
 
-def iid(labels: np.ndarray, num_clients: int, seed: int) -> Partition:
-    """A random equal split."""
+def client_sizes(n: int, num_clients: int, sigma: float = 0.0, seed: int = 0) -> np.ndarray:
+    """How many of `n` samples each client holds: equal (sigma 0), or in proportion to weights
+    drawn from LogNormal(0, sigma) (quantity skew, as FedLab's unbalanced splits draw it), every
+    client at least one sample, rounded by largest remainder so that they sum to n."""
+    if sigma <= 0:
+        return np.diff(_equal_offsets(n, num_clients))
+    w = np_rng(seed, "partition", "sizes").lognormal(0.0, sigma, num_clients)
+    share = w / w.sum() * (n - num_clients)  # one sample each first, the rest by weight
+    sizes = np.floor(share).astype(np.int64)
+    rest = n - num_clients - int(sizes.sum())
+    sizes[np.argsort(sizes - share, kind="stable")[:rest]] += 1  # the largest remainders
+    return sizes + 1
+
+
+def iid(labels: np.ndarray, num_clients: int, seed: int, sizes: Optional[np.ndarray] = None) -> Partition:
+    """A random split: equal, or of the given client sizes."""
     perm = np_rng(seed, "partition", "iid").permutation(len(labels))
-    owners = np.repeat(np.arange(num_clients), np.diff(_equal_offsets(len(labels), num_clients)))
+    sizes = client_sizes(len(labels), num_clients) if sizes is None else sizes
+    owners = np.repeat(np.arange(num_clients), sizes)
     return Partition.from_owners(perm, owners, num_clients)
 
 
-def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int) -> Partition:
-    """Equal-size clients whose label mix is drawn from Dir(alpha) (Hsu et al. 2019, as in FSL-SAGE).
+def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int,
+              sizes: Optional[np.ndarray] = None) -> Partition:
+    """Clients (equal-size, or of the given sizes) whose label mix is drawn from Dir(alpha)
+    (Hsu et al. 2019, as in FSL-SAGE).
 
     Each client draws p_i ~ Dir(alpha); samples are then dealt one at a time, the label drawn
     from p_i; a class that runs out is removed from every client's p and p renormalised.
@@ -116,7 +133,7 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int) -> 
     classes = np.unique(labels)
     pools = {c: list(rng.permutation(np.flatnonzero(labels == c))) for c in classes}
     probs = rng.dirichlet(alpha * np.ones(len(classes)), size=num_clients)
-    sizes = np.diff(_equal_offsets(len(labels), num_clients))
+    sizes = client_sizes(len(labels), num_clients) if sizes is None else sizes
     alive = np.ones(len(classes), bool)
     samples = np.empty(len(labels), dtype=np.int64)
     owners = np.repeat(np.arange(num_clients), sizes)
@@ -150,10 +167,15 @@ def partition(labels: np.ndarray, cfg, num_clients: int, seed: int) -> Partition
     """Split sample indices across clients as a `PartitionConfig` says."""
     if num_clients > len(labels):
         raise ConfigError("train.num_clients", num_clients, f"at most the {len(labels)} training samples")
+    skewed = getattr(cfg, "sizes", "equal") == "lognormal"
+    sizes = client_sizes(len(labels), num_clients, cfg.size_sigma if skewed else 0.0, seed)
     if cfg.name == "iid":
-        return iid(labels, num_clients, seed)
+        return iid(labels, num_clients, seed, sizes)
     if cfg.name == "dirichlet":
-        return dirichlet(labels, num_clients, cfg.alpha, seed)
+        return dirichlet(labels, num_clients, cfg.alpha, seed, sizes)
+    if skewed:
+        raise ConfigError("partition.sizes", cfg.sizes, "shards deals every client the same number of "
+                          "equal shards; client sizes apply to iid and dirichlet")
     if num_clients * cfg.shards_per_client > len(labels):
         raise ConfigError("partition.shards_per_client", cfg.shards_per_client,
                           f"num_clients x shards_per_client must be <= {len(labels)} samples")
