@@ -3,7 +3,7 @@ every client every round, Dirichlet 0.5, batch 32, SGD 0.05, one local epoch) on
 on the local backend, and as a plain single-process PyTorch loop written here (the floor: the
 same batches through the same models, nothing else), measured side by side in one run.
 
-    python bench/overhead.py [--rounds 6] [--repeats 3] [--clients 100] [--algos fedavg,splitfed_v2]
+    python bench/overhead.py [--rounds 6] [--repeats 3] [--clients 100] [--algos fedavg,splitfed_v2] [--skew 1.0]
 
 SplitFed v2 also runs on Ray with its server block in the pool's process (cluster.exchange=
 in_pool: requests are function calls, no hand-over between processes). The ways take turns,
@@ -17,7 +17,8 @@ its own, for every way. FedAvg also runs on Ray with every client on its own poo
 the pools wait for the busiest of them in a round, and how long they idle between rounds.
 FedAvg's floor also runs split over two processes at once (floor2: half the clients each, one
 thread each, nothing exchanged): what two cores give plain PyTorch, so ray/floor2 is what the
-framework costs over the hardware's own parallel speed.
+framework costs over the hardware's own parallel speed. `--skew S` gives the clients unequal
+sizes (partition.sizes=lognormal, size_sigma=S) in every way, where balanced pools matter.
 Prints them; the last line is one JSON object (unprefixed keys are FedAvg's).
 """
 
@@ -38,6 +39,9 @@ from sfl_ray.models.task import task_loss
 from sfl_ray.run import prepare
 
 
+EXTRA: list[str] = []  # --skew: every way's clients of unequal size
+
+
 def overrides(algo: str, clients: int, rounds: int, backend: str) -> list[str]:
     """`backend`: ray, local, ray_in_pool (Ray with the server block in the pool's process) or
     ray_unbalanced (Ray with every client on its own pool: cluster.balance_pools=false)."""
@@ -46,7 +50,7 @@ def overrides(algo: str, clients: int, rounds: int, backend: str) -> list[str]:
         where = ["cluster.backend=ray", "cluster.exchange=in_pool"]
     if backend == "ray_unbalanced":
         where = ["cluster.backend=ray", "cluster.balance_pools=false"]
-    return [f"algorithm.name={algo}", *where, f"train.num_clients={clients}",
+    return [f"algorithm.name={algo}", *where, *EXTRA, f"train.num_clients={clients}",
             f"train.clients_per_round={clients}", f"stop.rounds={rounds}", "stop.target_metric=null",
             "train.eval_every=1000"]  # evaluation only after the last round: rounds time training
 
@@ -103,19 +107,23 @@ def floor_rounds(algo: str, clients: int, rounds: int, part: tuple[int, int] = (
     return times
 
 
-def _floor_share(algo: str, clients: int, rounds: int, part: tuple[int, int], barrier, out) -> None:
+def _floor_share(algo: str, clients: int, rounds: int, part: tuple[int, int], barrier, out, extra: list) -> None:
+    EXTRA[:] = extra  # a spawned process starts with the module's defaults
     out.put((part[0], floor_rounds(algo, clients, rounds, part, barrier)))
 
 
 def floor2_rounds(algo: str, clients: int, rounds: int, n: int = 2) -> list[float]:
-    """The floor's loop in `n` processes at once, each one thread and 1/n of the clients, starting
-    every round together; a round lasts as long as the slowest share. Each share averages its own
-    clients and exchanges nothing, so this is what the cores give with no framework at all: the
-    best any runtime can do here (it leaves out the averaging across shares, a few milliseconds)."""
+    """The floor's loop in `n` processes at once, each one thread and 1/n of the clients (client c
+    in share c % n, as pools host them), starting every round together; a round lasts as long as
+    the slowest share. Each share averages its own clients and exchanges nothing, so on equal
+    clients this is what the cores give with no framework at all: the best any runtime can do
+    here (it leaves out the averaging across shares, a few milliseconds). On clients of unequal
+    size (--skew) its shares are as unequal as the pools' own: no balancing."""
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=_floor_share, args=(algo, clients, rounds, (i, n), barrier, out)) for i in range(n)]
+    procs = [ctx.Process(target=_floor_share, args=(algo, clients, rounds, (i, n), barrier, out, list(EXTRA)))
+             for i in range(n)]
     for p in procs:
         p.start()
     shares = dict(out.get() for _ in procs)
@@ -158,10 +166,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="turns of Ray, local and floor, one after another")
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--algos", default="fedavg,splitfed_v2", help="which of fedavg,splitfed_v2 to run")
+    ap.add_argument("--skew", type=float, default=0.0,
+                    help="clients of unequal size: partition.sizes=lognormal with this size_sigma (0: equal)")
     args = ap.parse_args()
+    if args.skew > 0:
+        EXTRA.extend(["partition.sizes=lognormal", f"partition.size_sigma={args.skew}"])
     start_local_ray()
     out = tempfile.mkdtemp(prefix="sfl_bench_overhead")
-    res: dict = {"bench": "overhead", "clients": args.clients, "rounds": args.rounds, "repeats": args.repeats}
+    res: dict = {"bench": "overhead", "clients": args.clients, "rounds": args.rounds, "repeats": args.repeats,
+                 "size_sigma": args.skew}
     for algo in args.algos.split(","):
         # SplitFed v2 also with its server block in the pool's process (cluster.exchange=in_pool)
         ways = (("ray", "ray_unbalanced", "local", "floor", "floor2") if algo == "fedavg"
