@@ -176,12 +176,41 @@ def prepare(cfg):
     if shards.sizes.min() == 0:
         raise ConfigError("train.num_clients", cfg.train.num_clients, "some clients would hold no samples")
     parts = build_parts(cfg.model.name, cfg.model.cut, data.input_shape, data.num_classes, cfg.seed, cfg.model)
+    _check_single_sample_batches(parts, data.input_shape, shards.sizes, cfg)
     aux_cfg = getattr(cfg.algorithm, "aux", None)
     if aux_cfg is not None:  # as every process will build it: its errors (budget, nothing to train) come now
         from sfl_ray.models.aux import build_aux
         build_aux(aux_cfg, parts.act_shape, data.num_classes, cfg.seed, parts.aux_factory, server=parts.server)
     hist = label_histograms(keys, shards, n_keys) if keys.ndim == 1 else None
     return algorithm_cls, data, shards, hist
+
+
+def _check_single_sample_batches(parts, input_shape, sizes: np.ndarray, cfg) -> None:
+    """A client whose size leaves one sample over forms a last batch of one; a BatchNorm that
+    sees one value per channel (a 1x1 map, as resnet18's last stage on small images) cannot
+    train on it, and the run would fail mid-round. Refuse it now, naming batch sizes that work."""
+    import torch
+
+    bs = cfg.train.batch_size
+    if not (sizes % bs == 1).any() or not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                              for m in parts.full().modules()):
+        return
+    model = parts.full().train()  # prepare's own copy: its BatchNorm statistics are not kept
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape)))
+    except Exception as e:  # noqa: BLE001 - only BatchNorm's refusal is ours to report here
+        if "Expected more than 1 value per channel" not in str(e):
+            return
+        from sfl_ray.config_base import ConfigError
+        c = int(np.flatnonzero(sizes % bs == 1)[0])
+        good = sorted((b for b in range(max(2, bs // 2), 2 * bs + 1) if not (sizes % b == 1).any()),
+                      key=lambda b: (abs(b - bs), b))[:3]
+        hint = (f"choose a train.batch_size that leaves no client one sample over (e.g. {', '.join(map(str, good))})"
+                if good else "choose other client sizes")
+        raise ConfigError("train.batch_size", bs, f"client {c} holds {int(sizes[c])} samples, so its last batch has "
+                          f"one; {cfg.model.name} has a BatchNorm that cannot train on one sample ({e}). "
+                          f"{hint[0].upper()}{hint[1:]}.") from None
 
 
 def _init_ray(cfg) -> bool:

@@ -362,3 +362,34 @@ def test_metrics_writer_keeps_nan_visible(tmp_path):
                    "eval_accuracy": None, "by_kind": {"up/w": "NaN"}}
     summary = json.loads((tmp_path / "run" / "summary.json").read_text(), parse_constant=strict)
     assert summary["final"]["train_loss"] == "NaN" and summary["list"] == ["NaN", 1.0]
+
+
+def test_a_one_sample_batch_that_batchnorm_cannot_train_is_refused_before_the_run(tmp_path, capsys):
+    """resnet18 with the ImageNet stem ends in 1x1 maps on MNIST: its BatchNorm cannot train a
+    batch of one sample, which a client of 65 samples forms with batch size 64 (mid-run, that
+    was a client failure). It is a config error naming batch sizes that work, and they do."""
+    import torch
+
+    from sfl_ray.data.batches import client_batches
+    from sfl_ray.models.split import build_parts
+    from sfl_ray.run import prepare
+
+    model = ["data.max_train_samples=65", "train.num_clients=1", "model.name=resnet18", "model.stem=imagenet",
+             "model.cut=layer2", "cluster.backend=local", f"output.dir={tmp_path}"]
+    cfg = load_config(None, model + ["train.batch_size=64"])
+    with pytest.raises(ConfigError, match=r"client 0 holds 65 samples.*BatchNorm.*e\.g\. 63, 65"):
+        prepare(cfg)
+    # what it prevents: the client's last batch really has one sample, and training on it fails
+    cfg_ok = load_config(None, model + ["train.batch_size=65"])
+    _, data, shards, _ = prepare(cfg_ok)  # a batch size it names works
+    parts = build_parts("resnet18", "layer2", data.input_shape, data.num_classes, 0, cfg.model)
+    last = list(client_batches(data.train_x, data.train_y, shards[0], 64, cfg.seed, 1, 0))[-1][0]
+    assert len(last) == 1
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        parts.full().train()(last)
+    # the command line says it in one line, exit 2, before any round
+    assert main(["--config", "jobs/quickstart.yaml", *[a for o in model + ["train.batch_size=64"]
+                                                       for a in ("--set", o)]]) == 2
+    assert "train.batch_size=64" in capsys.readouterr().err
+    # a model without BatchNorm trains the same one-sample batch: nothing to refuse
+    prepare(load_config(None, ["data.max_train_samples=65", "train.num_clients=1", "train.batch_size=64"]))
