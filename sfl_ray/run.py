@@ -192,10 +192,11 @@ def _check_single_sample_batches(parts, input_shape, sizes: np.ndarray, cfg) -> 
     import torch
 
     bs = cfg.train.batch_size
-    if not (sizes % bs == 1).any() or not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                                              for m in parts.full().modules()):
+    one_over = np.flatnonzero(sizes % bs == 1)
+    model = parts.full()
+    if not len(one_over) or not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return
-    model = parts.full().train()  # prepare's own copy: its BatchNorm statistics are not kept
+    model.train()  # prepare's own copy: its BatchNorm statistics are not kept
     try:
         with torch.no_grad():
             model(torch.zeros((1, *input_shape)))
@@ -203,14 +204,13 @@ def _check_single_sample_batches(parts, input_shape, sizes: np.ndarray, cfg) -> 
         if "Expected more than 1 value per channel" not in str(e):
             return
         from sfl_ray.config_base import ConfigError
-        c = int(np.flatnonzero(sizes % bs == 1)[0])
+        c = int(one_over[0])
         good = sorted((b for b in range(max(2, bs // 2), 2 * bs + 1) if not (sizes % b == 1).any()),
                       key=lambda b: (abs(b - bs), b))[:3]
-        hint = (f"choose a train.batch_size that leaves no client one sample over (e.g. {', '.join(map(str, good))})"
-                if good else "choose other client sizes")
+        hint = (f"Choose a train.batch_size that leaves no client one sample over (e.g. {', '.join(map(str, good))})"
+                if good else "Choose other client sizes")
         raise ConfigError("train.batch_size", bs, f"client {c} holds {int(sizes[c])} samples, so its last batch has "
-                          f"one; {cfg.model.name} has a BatchNorm that cannot train on one sample ({e}). "
-                          f"{hint[0].upper()}{hint[1:]}.") from None
+                          f"one; {cfg.model.name} has a BatchNorm that cannot train on one sample ({e}). {hint}.") from None
 
 
 def _init_ray(cfg) -> bool:

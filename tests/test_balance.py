@@ -46,15 +46,15 @@ def slow_even():
     registry.restore(saved)
 
 
-def _configs(run_dir: str, *extra: str):
-    common = ["algorithm.name=slow_even_fedavg", "train.num_clients=16", "data.max_train_samples=480",
+def _configs(run_dir: str, *extra: str, algorithm: str = "slow_even_fedavg"):
+    common = [f"algorithm.name={algorithm}", "train.num_clients=16", "data.max_train_samples=480",
               "train.batch_size=16", "stop.rounds=3", "cluster.num_pools=2", *extra]
     return (small_config(run_dir, *common, "output.name=local"),
             small_config(run_dir, *common, "cluster.backend=ray", "output.name=ray"))
 
 
-def _run_both(run_dir: str, *extra: str):
-    local_cfg, ray_cfg = _configs(run_dir, *extra)
+def _run_both(run_dir: str, *extra: str, algorithm: str = "slow_even_fedavg"):
+    local_cfg, ray_cfg = _configs(run_dir, *extra, algorithm=algorithm)
     local, _ = local_coordinator(local_cfg)
     local.run()
     coord, ex = ray_coordinator(ray_cfg)
@@ -162,19 +162,11 @@ def test_an_optimizer_without_per_parameter_state_is_not_kept(tmp_path):
 @pytest.mark.slow
 def test_clients_of_unequal_size_give_the_local_numbers_on_balanced_pools(ray_cluster, run_dir):
     """Quantity skew (partition.sizes=lognormal): the weighted average of clients that differ
-    tenfold in size, some run on the other pool, is the local backend's."""
-    common = ["algorithm.name=fedavg", "train.num_clients=12", "partition.sizes=lognormal",
-              "partition.size_sigma=1.5", "train.batch_size=16", "train.optimizer=adam", "cluster.num_pools=2"]
-    local_cfg = small_config(run_dir, *common, "output.name=local")
-    sizes = Partition.from_lists(prepare(local_cfg)[2]).sizes
+    tenfold in size, wherever they ran, is the local backend's."""
+    skew = ("partition.sizes=lognormal", "partition.size_sigma=1.5", "train.optimizer=adam")
+    sizes = prepare(_configs(run_dir, *skew, algorithm="fedavg")[0])[2].sizes
     assert sizes.max() > 5 * np.median(sizes)
-    local, _ = local_coordinator(local_cfg)
-    local.run()
-    coord, ex = ray_coordinator(small_config(run_dir, *common, "cluster.backend=ray", "output.name=ray"))
-    try:
-        coord.run()
-    finally:
-        ex.shutdown()
+    local, coord, _, _ = _run_both(run_dir, *skew, algorithm="fedavg")
     rows = without_timing(coord.writer.rows)
     assert rows == without_timing(local.writer.rows)
     assert all(np.isfinite(r["train_loss"]) for r in rows)

@@ -167,13 +167,12 @@ def partition(labels: np.ndarray, cfg, num_clients: int, seed: int) -> Partition
     """Split sample indices across clients as a `PartitionConfig` says."""
     if num_clients > len(labels):
         raise ConfigError("train.num_clients", num_clients, f"at most the {len(labels)} training samples")
-    skewed = getattr(cfg, "sizes", "equal") == "lognormal"
-    sizes = client_sizes(len(labels), num_clients, cfg.size_sigma if skewed else 0.0, seed)
+    sizes = client_sizes(len(labels), num_clients, cfg.size_sigma if cfg.sizes == "lognormal" else 0.0, seed)
     if cfg.name == "iid":
         return iid(labels, num_clients, seed, sizes)
     if cfg.name == "dirichlet":
         return dirichlet(labels, num_clients, cfg.alpha, seed, sizes)
-    if skewed:
+    if cfg.sizes != "equal":
         raise ConfigError("partition.sizes", cfg.sizes, "shards deals every client the same number of "
                           "equal shards; client sizes apply to iid and dirichlet")
     if num_clients * cfg.shards_per_client > len(labels):

@@ -21,15 +21,12 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean
     if logits.dim() == 2:
         return F.cross_entropy(logits, labels, reduction=reduction)
     logits, labels = logits[:, :-1], labels[:, 1:]
-    if reduction == "sum":
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
-    if reduction == "mean":
-        # Summed and divided here: a batch whose prompts fill data.max_length has no target, and
-        # cross_entropy's own mean is then 0/0 (a NaN loss and NaN gradients); this one is 0.
+    if reduction in ("sum", "mean"):
         total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                 ignore_index=IGNORE, reduction="sum")
-        return total / (labels != IGNORE).sum().clamp(min=1)
+        # The mean is divided here: a batch whose prompts fill data.max_length has no target, and
+        # cross_entropy's own mean is then 0/0 (a NaN loss and NaN gradients); this one is 0.
+        return total if reduction == "sum" else total / (labels != IGNORE).sum().clamp(min=1)
     if reduction != "none":
         raise ValueError(f"reduction {reduction!r}: one of mean, sum, none")
     tok = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")  # (B, T-1)
